@@ -1,0 +1,15 @@
+"""tensorized: tensor-factorized linear layers for PyTorch."""
+
+from .formats import FactorizedMatrix, get_format
+from .ranks import param_count, resolve_rank
+from .shapes import tensorize_shape
+
+__all__ = [
+    "FactorizedMatrix",
+    "get_format",
+    "param_count",
+    "resolve_rank",
+    "tensorize_shape",
+]
+
+__version__ = "0.1.0"

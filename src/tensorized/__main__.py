@@ -1,0 +1,5 @@
+"""``python -m tensorized``."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Small tensor primitives shared by the formats and the decompositions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def khatri_rao(factors: Sequence[Tensor]) -> Tensor:
+    """Column-wise Kronecker product of matrices ``(n_k, R)`` -> ``(prod n_k, R)``.
+
+    Rows are ordered row-major (the first factor varies slowest), matching ``reshape`` of a
+    tensor whose modes are in the order of ``factors``.
+    """
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out.unsqueeze(1) * f.unsqueeze(0)).reshape(-1, f.shape[-1])
+    return out
+
+
+def mode_dot(tensor: Tensor, matrix: Tensor, axis: int) -> Tensor:
+    """Multiply mode ``axis`` of ``tensor`` (size n) by ``matrix`` of shape ``(m, n)``."""
+    moved = tensor.movedim(axis, -1)
+    return (moved @ matrix.transpose(0, 1)).movedim(-1, axis)
+
+
+def unfold(tensor: Tensor, axis: int) -> Tensor:
+    """Mode-``axis`` unfolding: ``(n_axis, prod of the other sizes)``."""
+    return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+
+
+def split_point(shape: Sequence[int]) -> int:
+    """Index s in [1, d-1] that best balances prod(shape[:s]) against prod(shape[s:])."""
+    best, best_cost = 1, None
+    total = 1
+    for n in shape:
+        total *= n
+    left = 1
+    for s in range(1, len(shape)):
+        left *= shape[s - 1]
+        cost = max(left, total // left)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def frobenius_error(reference: Tensor, approximation: Tensor) -> float:
+    """Relative Frobenius error ``||ref - approx|| / ||ref||`` (0 when both are zero)."""
+    ref = reference.to(torch.float64)
+    norm = ref.norm()
+    diff = (ref - approximation.to(torch.float64)).norm()
+    if norm == 0:
+        return float(diff)
+    return float(diff / norm)

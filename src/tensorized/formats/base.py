@@ -1,0 +1,263 @@
+"""The interface every factorized weight format implements."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..ranks import ConcreteRank, RankSpec, param_count, resolve_rank
+from ..shapes import Modes, validate_modes
+
+
+class FactorizedMatrix(nn.Module):
+    """A weight of shape ``([n_layers,] out_features, in_features)`` kept in a low-rank format.
+
+    The matrix is viewed as the tensor ``([n_layers,] *out_modes, *in_modes)``. Subclasses
+    hold the factors as ``nn.Parameter`` s and implement :meth:`to_matrix`,
+    :meth:`_contract`, :meth:`_init_factors` and :meth:`_decompose`.
+
+    Args:
+        in_modes: modes of the input features, e.g. ``(8, 8, 16)`` for 1024.
+        out_modes: modes of the output features.
+        rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
+            of concrete ranks (see :mod:`tensorized.ranks`).
+        n_layers: size of the leading layer mode (1: a single matrix, no layer mode).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        in_modes: Modes,
+        out_modes: Modes,
+        rank: RankSpec = "same",
+        n_layers: int = 1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_modes = validate_modes(in_modes, None, "in_modes")
+        self.out_modes = validate_modes(out_modes, None, "out_modes")
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
+        self.n_layers = n_layers
+        self.rank: ConcreteRank = resolve_rank(
+            self.name, self.in_modes, self.out_modes, rank, n_layers
+        )
+        factory = {"device": device, "dtype": dtype}
+        self._build(factory)
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- sizes
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_modes)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_modes)
+
+    @property
+    def num_params(self) -> int:
+        """Number of stored parameters (equals :func:`tensorized.ranks.param_count`)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the same weight stored densely."""
+        return self.n_layers * self.out_features * self.in_features
+
+    def extra_repr(self) -> str:
+        layers = f", n_layers={self.n_layers}" if self.n_layers > 1 else ""
+        return (
+            f"in_modes={self.in_modes}, out_modes={self.out_modes}, rank={self.rank}{layers}, "
+            f"params={self.num_params} ({self.num_params / self.dense_params:.3g} of dense)"
+        )
+
+    # ---------------------------------------------------------------- layers
+
+    def _check_layer(self, layer: int | None) -> int | None:
+        """Validate ``layer``; returns None for "all layers" (or the only one)."""
+        if layer is None:
+            return None
+        if isinstance(layer, Tensor) and layer.numel() == 1 and not layer.is_floating_point():
+            layer = int(layer)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise IndexError(
+                f"layer={layer} is out of range for a weight with n_layers={self.n_layers}"
+            )
+        if self.n_layers == 1:
+            return None
+        return layer % self.n_layers
+
+    # ---------------------------------------------------------------- compute
+
+    def to_matrix(self, layer: int | None = None) -> Tensor:
+        """Reconstruct the dense weight.
+
+        Args:
+            layer: which layer (``None``: all layers).
+
+        Returns:
+            ``(out_features, in_features)``, or ``(n_layers, out_features, in_features)`` when
+            ``layer is None`` and ``n_layers > 1``.
+        """
+        layer = self._check_layer(layer)
+        if layer is None and self.n_layers > 1:
+            return torch.stack([self._to_matrix(i) for i in range(self.n_layers)])
+        return self._to_matrix(layer)
+
+    def contract(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """Compute ``x @ W.T`` without forming ``W``.
+
+        Args:
+            x: ``(..., in_features)``.
+            layer: which layer; required when ``n_layers > 1``.
+
+        Returns:
+            ``(..., out_features)``.
+        """
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have in_features={self.in_features} features in its last dim, got "
+                f"input shape {tuple(x.shape)}"
+            )
+        layer = self._check_layer(layer)
+        if layer is None and self.n_layers > 1:
+            raise ValueError(
+                f"this weight holds n_layers={self.n_layers} layers; pass layer=i to pick one"
+            )
+        lead = x.shape[:-1]
+        y = self._contract(x.reshape(-1, self.in_features), layer)
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Random factors whose reconstructed weight has standard deviation ``std``.
+
+        Each factor is drawn with a balanced scale (the variance of the product is split
+        evenly over the factors, which for TT formats means accounting for the product of
+        the ranks), then all scale-carrying factors are rescaled by the same amount so that
+        the empirical std of the reconstruction is exactly ``std``.
+
+        Args:
+            std: target std; defaults to ``1 / sqrt(3 * in_features)``, the std of
+                ``nn.Linear``'s uniform initialization.
+        """
+        if std is None:
+            std = 1.0 / math.sqrt(3 * self.in_features)
+        if not math.isfinite(std) or std < 0:
+            raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+        self._init_factors(std)
+        scaled = self._scaled_factors()
+        actual = float(self.to_matrix().float().std(correction=0))
+        if actual > 0 and std > 0:
+            ratio = (std / actual) ** (1.0 / len(scaled))
+            for p in scaled:
+                p.mul_(ratio)
+        elif std == 0:
+            scaled[0].zero_()
+        if self.n_layers > 1 and std > 0:
+            # The global rescale fixes the overall std; each layer is then corrected alone
+            # through the slice of the parameters that only it uses.
+            for layer in range(self.n_layers):
+                actual = float(self._to_matrix(layer).float().std(correction=0))
+                if actual > 0:
+                    self._layer_slice(layer).mul_(std / actual)
+
+    # ---------------------------------------------------------------- decomposition
+
+    @classmethod
+    def from_matrix(
+        cls,
+        matrix: Tensor,
+        in_modes: Modes,
+        out_modes: Modes,
+        rank: RankSpec = "same",
+        **decomposition_kwargs: Any,
+    ) -> FactorizedMatrix:
+        """Decompose a dense weight into this format.
+
+        Args:
+            matrix: ``(out_features, in_features)`` or ``(n_layers, out_features,
+                in_features)``.
+            in_modes: modes of ``in_features``.
+            out_modes: modes of ``out_features``.
+            rank: as in the constructor.
+            **decomposition_kwargs: passed to the decomposition in
+                :mod:`tensorized.decompose` (e.g. ``n_iter_max``, ``tol``, ``generator``).
+
+        Returns:
+            A module of this format on the matrix's device and dtype.
+        """
+        if not isinstance(matrix, Tensor):
+            raise TypeError(f"matrix must be a torch.Tensor, got {type(matrix).__name__}")
+        if matrix.ndim not in (2, 3):
+            raise ValueError(
+                f"matrix must have shape (out, in) or (n_layers, out, in), got "
+                f"{tuple(matrix.shape)}"
+            )
+        n_layers = matrix.shape[0] if matrix.ndim == 3 else 1
+        out_modes = validate_modes(out_modes, matrix.shape[-2], "out_modes")
+        in_modes = validate_modes(in_modes, matrix.shape[-1], "in_modes")
+        if not matrix.is_floating_point():
+            raise TypeError(f"matrix must have a floating dtype, got {matrix.dtype}")
+        if not torch.isfinite(matrix).all():
+            raise ValueError("matrix contains NaN or Inf values; cannot decompose it")
+        module = cls(in_modes, out_modes, rank, n_layers, device=matrix.device, dtype=matrix.dtype)
+        tensor = matrix.reshape(*((n_layers,) if n_layers > 1 else ()), *out_modes, *in_modes)
+        with torch.no_grad():
+            factors = module._decompose(tensor.detach(), **decomposition_kwargs)
+            for name, value in factors.items():
+                module.get_parameter(name).copy_(value)
+        return module
+
+    # ---------------------------------------------------------------- to implement
+
+    def _build(self, factory: dict) -> None:
+        """Create the parameters (uninitialized) for ``self.rank``."""
+        raise NotImplementedError
+
+    def _to_matrix(self, layer: int | None) -> Tensor:
+        """The ``(out, in)`` matrix of ``layer`` (``None`` when ``n_layers == 1``)."""
+        raise NotImplementedError
+
+    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
+        """``(batch, in) -> (batch, out)`` for ``layer`` (``None`` when ``n_layers == 1``)."""
+        raise NotImplementedError
+
+    def _init_factors(self, std: float) -> None:
+        """Draw the factors at a balanced scale whose product has std about ``std``."""
+        raise NotImplementedError
+
+    def _scaled_factors(self) -> list[nn.Parameter]:
+        """The factors that share a final common rescaling in :meth:`reset_parameters`."""
+        raise NotImplementedError
+
+    def _layer_slice(self, layer: int) -> Tensor:
+        """A view of the parameters that scales only ``layer``'s weight (``n_layers > 1``)."""
+        raise NotImplementedError
+
+    def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        """Decompose the tensorized weight; returns ``{parameter name: value}``."""
+        raise NotImplementedError
+
+    def _check_param_count(self) -> None:
+        expected = param_count(self.name, self.in_modes, self.out_modes, self.rank, self.n_layers)
+        if self.num_params != expected:  # an internal invariant, checked in tests
+            raise RuntimeError(f"{self.name}: {self.num_params} parameters, expected {expected}")
+
+
+def balanced_std(std: float, n_terms: int, n_factors: int) -> float:
+    """Per-factor std so that a sum of ``n_terms`` products of ``n_factors`` iid normal
+    entries has standard deviation ``std``: ``var = n_terms * prod(sigma_k^2)``."""
+    return (std**2 / max(n_terms, 1)) ** (1.0 / (2 * n_factors))

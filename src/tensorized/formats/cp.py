@@ -1,0 +1,71 @@
+"""CP (canonical polyadic) format: a sum of R rank-one tensors.
+
+``W[l, o_1..o_m, i_1..i_n] = sum_r weights[r] * A_layer[l, r] * prod_k A_k[o_k|i_k, r]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import decompose
+from .._ops import khatri_rao
+from .base import FactorizedMatrix, balanced_std
+
+
+class CPMatrix(FactorizedMatrix):
+    """``weights (R,)`` and ``factors``: ``[layer (L, R)]``, out ``(o_k, R)``, in ``(i_k, R)``."""
+
+    name = "cp"
+
+    def _build(self, factory: dict) -> None:
+        R = self.rank
+        self.weights = nn.Parameter(torch.empty(R, **factory))
+        sizes = self._sizes()
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(n, R, **factory)) for n in sizes])
+
+    def _sizes(self) -> tuple[int, ...]:
+        lead = (self.n_layers,) if self.n_layers > 1 else ()
+        return lead + self.out_modes + self.in_modes
+
+    def _split(self, layer: int | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Per-component scales (weights times the layer's row), out factors, in factors."""
+        factors = list(self.factors)
+        scale = self.weights
+        if self.n_layers > 1:
+            scale = scale * factors.pop(0)[layer]
+        m = len(self.out_modes)
+        return scale, factors[:m], factors[m:]
+
+    def _to_matrix(self, layer: int | None) -> Tensor:
+        scale, outs, ins = self._split(layer)
+        return (khatri_rao(outs) * scale) @ khatri_rao(ins).T
+
+    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
+        scale, outs, ins = self._split(layer)
+        return ((x @ khatri_rao(ins)) * scale) @ khatri_rao(outs).T
+
+    def _init_factors(self, std: float) -> None:
+        nn.init.ones_(self.weights)
+        sigma = balanced_std(std, self.rank, len(self.factors))
+        for f in self.factors:
+            nn.init.normal_(f, 0.0, sigma)
+
+    def _layer_slice(self, layer: int) -> Tensor:
+        return self.factors[0][layer]
+
+    def _scaled_factors(self) -> list[nn.Parameter]:
+        return list(self.factors)
+
+    def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        result = decompose.cp_als(tensor, self.rank, **kwargs)
+        # ALS weights are column norms (>= 0); spread them evenly over the factors so that no
+        # factor carries all the scale, which keeps later fine-tuning well conditioned.
+        weights, factors = result.weights, result.factors
+        share = weights.clamp_min(0) ** (1.0 / len(factors))
+        values = {"weights": (weights > 0).to(weights.dtype)}
+        for k, f in enumerate(factors):
+            values[f"factors.{k}"] = f * share
+        return values

@@ -1,0 +1,91 @@
+"""Tensor-train format over the modes ``([L,] *out_modes, *in_modes)``.
+
+Core k has shape ``(r_{k-1}, n_k, r_k)`` with ``r_0 = r_d = 1``; a layer mode is an extra
+leading core ``(1, n_layers, r_1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import decompose
+from ..ranks import train_modes
+from .base import FactorizedMatrix, balanced_std
+
+
+class TrainMatrix(FactorizedMatrix):
+    """Shared machinery of the train formats ('tt' and 'blocktt'): ``cores`` in a chain.
+
+    Subclasses create ``self.cores`` (the first being the layer core ``(1, L, r)`` when
+    ``n_layers > 1``) and implement the contraction.
+    """
+
+    def _layer_cores(self, layer: int | None) -> list[Tensor]:
+        """The cores of one layer: the layer core's row is absorbed into the next core."""
+        cores = list(self.cores)
+        if self.n_layers == 1:
+            return cores
+        row = cores[0][0, layer]  # (r,)
+        nxt = cores[1]
+        merged = (row @ nxt.reshape(nxt.shape[0], -1)).reshape(1, *nxt.shape[1:])
+        return [merged, *cores[2:]]
+
+    def _chain(self, layer: int | None) -> Tensor:
+        """Product of the train of one layer, as a flat tensor in core order."""
+        cores = self._layer_cores(layer)
+        t = cores[0].reshape(-1, cores[0].shape[-1])
+        for c in cores[1:]:
+            t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+        return t
+
+    def _init_factors(self, std: float) -> None:
+        # Each entry sums prod(ranks) products of len(cores) core entries: the per-core std
+        # must shrink with the product of the ranks, not with one rank.
+        sigma = balanced_std(std, math.prod(self.rank), len(self.cores))
+        for c in self.cores:
+            nn.init.normal_(c, 0.0, sigma)
+
+    def _layer_slice(self, layer: int) -> Tensor:
+        return self.cores[0][:, layer]
+
+    def _scaled_factors(self) -> list[nn.Parameter]:
+        return list(self.cores)
+
+
+class TTMatrix(TrainMatrix):
+    """``cores``: one ``(r_{k-1}, n_k, r_k)`` tensor per mode of ``([L,] *out, *in)``."""
+
+    name = "tt"
+
+    def _build(self, factory: dict) -> None:
+        modes = train_modes(self.name, self.in_modes, self.out_modes, self.n_layers)
+        ranks = (1, *self.rank, 1)
+        self.cores = nn.ParameterList(
+            [
+                nn.Parameter(torch.empty(ranks[k], n, ranks[k + 1], **factory))
+                for k, n in enumerate(modes)
+            ]
+        )
+
+    def _to_matrix(self, layer: int | None) -> Tensor:
+        return self._chain(layer).reshape(self.out_features, self.in_features)
+
+    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
+        cores = self._layer_cores(layer)
+        m = len(self.out_modes)
+        t = x
+        for c in reversed(cores[m:]):  # absorb the in modes, last first: -> (batch, r_m)
+            t = t.reshape(-1, c.shape[1] * c.shape[2]) @ c.reshape(c.shape[0], -1).T
+        t = t.reshape(x.shape[0], -1, 1)  # (batch, r_m, prod of the out modes done so far)
+        for c in reversed(cores[:m]):  # expand the out modes, last first
+            t = c.reshape(-1, c.shape[-1]) @ t  # (batch, r_{k-1} * o_k, rest)
+            t = t.reshape(x.shape[0], c.shape[0], -1)
+        return t.reshape(x.shape[0], self.out_features)
+
+    def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        cores = decompose.tensor_train(tensor, self.rank, **kwargs)
+        return {f"cores.{k}": c for k, c in enumerate(cores)}

@@ -1,0 +1,127 @@
+"""Tensorized shapes: split feature counts into tensor modes and validate user-given modes.
+
+A linear weight of shape ``(out_features, in_features)`` is viewed as a tensor of shape
+``(*out_modes, *in_modes)`` with ``prod(out_modes) == out_features`` and
+``prod(in_modes) == in_features`` (row-major, as ``torch.reshape`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["Modes", "factorize", "tensorize_shape", "validate_modes"]
+
+Modes = tuple[int, ...]
+
+
+def _prime_factors(n: int) -> list[int]:
+    factors, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        factors.append(n)
+    return factors
+
+
+def factorize(n: int, order: int) -> Modes:
+    """Split ``n`` into ``order`` integer factors that are as balanced as possible.
+
+    Prime factors are assigned largest first to the currently smallest slot, which keeps
+    the factors close to ``n ** (1 / order)``. Slots that get no prime factor stay 1 (only
+    when ``n`` has fewer prime factors than ``order``).
+
+    Args:
+        n: the number to split, ``n >= 1``.
+        order: how many factors, ``order >= 1``.
+
+    Returns:
+        A non-increasing tuple of ``order`` ints whose product is ``n``.
+
+    Example:
+        >>> factorize(1024, 3)
+        (16, 8, 8)
+        >>> factorize(768, 2)
+        (32, 24)
+    """
+    _check_positive_int(n, "n")
+    _check_positive_int(order, "order")
+    slots = [1] * order
+    for p in sorted(_prime_factors(n), reverse=True):
+        slots[slots.index(min(slots))] *= p
+    return tuple(sorted(slots, reverse=True))
+
+
+def _default_order(n: int) -> int:
+    """Order whose balanced factors are about 8 or more (2 for n < 64, at most 4)."""
+    return max(2, min(4, len(_prime_factors(n)), round(math.log(n, 8)) if n > 1 else 1))
+
+
+def tensorize_shape(
+    in_features: int, out_features: int, order: int | None = None
+) -> tuple[Modes, Modes]:
+    """Propose matching in/out tensorizations of the same order.
+
+    Args:
+        in_features: number of input features.
+        out_features: number of output features.
+        order: number of modes for each side. ``None`` picks 2 to 4 modes so that the
+            modes are about 8 or larger.
+
+    Returns:
+        ``(in_modes, out_modes)``, each of length ``order``; each mode is >= 2 where the
+        feature count has enough prime factors (a prime count gets modes of 1).
+
+    Example:
+        >>> tensorize_shape(1024, 4096)
+        ((8, 8, 4, 4), (8, 8, 8, 8))
+    """
+    _check_positive_int(in_features, "in_features")
+    _check_positive_int(out_features, "out_features")
+    if order is None:
+        order = max(_default_order(in_features), _default_order(out_features))
+    _check_positive_int(order, "order")
+    return factorize(in_features, order), factorize(out_features, order)
+
+
+def validate_modes(modes: int | Sequence[int], features: int | None, name: str) -> Modes:
+    """Check user-given modes and return them as a tuple of ints.
+
+    Args:
+        modes: a sequence of positive ints (an int is accepted as one mode).
+        features: the feature count the modes must multiply to, or ``None`` to skip.
+        name: the argument name, used in error messages.
+
+    Raises:
+        TypeError: if ``modes`` is not a sequence of ints.
+        ValueError: if a mode is < 1 or the product does not equal ``features``.
+    """
+    if isinstance(modes, bool):
+        raise TypeError(f"{name} must be a tuple of positive ints, got {modes!r}")
+    if isinstance(modes, int):
+        modes = (modes,)
+    if not isinstance(modes, Sequence) or isinstance(modes, str) or len(modes) == 0:
+        raise TypeError(f"{name} must be a non-empty tuple of positive ints, got {modes!r}")
+    out = []
+    for m in modes:
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"{name} must contain only ints, got {modes!r}")
+        if m < 1:
+            raise ValueError(f"{name} must contain only positive sizes, got {tuple(modes)!r}")
+        out.append(int(m))
+    if features is not None and math.prod(out) != features:
+        raise ValueError(
+            f"{name}={tuple(out)!r} multiplies to {math.prod(out)}, but the layer has "
+            f"{features} features; the modes must multiply to exactly {features}"
+        )
+    return tuple(out)
+
+
+def _check_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
