@@ -64,8 +64,8 @@ def _tensorly_worker(fmt, W, outs, ins, rank, queue):
 
 
 def tensorly(fmt, W, outs, ins, rank, timeout):
-    queue = mp.get_context("fork").Queue()
-    proc = mp.get_context("fork").Process(
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(
         target=_tensorly_worker, args=(fmt, W, outs, ins, rank, queue)
     )
     proc.start()
@@ -105,14 +105,14 @@ def main() -> None:
                 ref = None
                 if not args.no_tensorly:
                     ref = tensorly(fmt, W, outs, ins, m.rank, args.timeout)
-                ref_err, ref_s = (f"{ref[1]:.4f}", f"{ref[0]:.2f}") if ref else ("-", "-")
+                ref_err, ref_s = (f"{ref[1]:.4g}", f"{ref[0]:.2f}") if ref else ("-", "-")
                 if ref is None and not args.no_tensorly:
                     ref_s = f"> {args.timeout:.0f} (stopped)"
-                ratio = f"{err / ref[1]:.3f}" if ref and ref[1] > 0 else "-"
+                ratio = f"{err / ref[1]:.3f}" if ref and ref[1] > 1e-8 else "-"
                 budget = f"{m.num_params / m.dense_params:.3f}"
                 note = " (10 iters)" if kwargs else ""
                 row = (
-                    f"| {n} | {kind} | {fmt}{note} | {budget} | {m.rank} | {err:.4f} | {sec:.2f} "
+                    f"| {n} | {kind} | {fmt}{note} | {budget} | {m.rank} | {err:.4g} | {sec:.2f} "
                     f"| {ref_err} | {ref_s} | {ratio} |"
                 )
                 rows.append(row)

@@ -1,11 +1,14 @@
 """tensorized: tensor-factorized linear layers for PyTorch."""
 
 from .formats import FactorizedMatrix, get_format
+from .linear import FactorizedLinear, LinearView
 from .ranks import param_count, resolve_rank
 from .shapes import tensorize_shape
 
 __all__ = [
+    "FactorizedLinear",
     "FactorizedMatrix",
+    "LinearView",
     "get_format",
     "param_count",
     "resolve_rank",

@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 < args.rank <= 1:
             parser.error(f"--rank must be in (0, 1], got {args.rank}")
         ins, outs = tensorize_shape(args.size, args.size)
-        print(f"weight {args.size}x{args.size} as out modes {outs} x in modes {ins}, "
-              f"budget {args.rank:g} of the dense parameters\n")
+        print(
+            f"weight {args.size}x{args.size} as out modes {outs} x in modes {ins}, "
+            f"budget {args.rank:g} of the dense parameters\n"
+        )
         print(format_table(selfcheck(args.size, args.rank)))
     return 0

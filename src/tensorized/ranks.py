@@ -17,13 +17,16 @@ blocktt    ``tuple`` of the inner ranks of a TT-matrix whose cores are
 ========== ============================================================================
 
 A user ``rank`` is ``'same'`` (as many parameters as the dense weight), a float (that fraction
-of the dense parameter count, met within 5%), an int (the same rank everywhere, clipped to
+of the dense parameter count, met within 5% wherever the format's integer ranks allow it; where
+they do not, the nearest count is used and a :class:`RankBudgetWarning` says so; a fraction the
+format cannot reach at all is a ``ValueError``), an int (the same rank everywhere, clipped to
 what each mode can carry) or a tuple of concrete ranks.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 from .shapes import Modes
@@ -31,6 +34,7 @@ from .shapes import Modes
 __all__ = [
     "FORMAT_NAMES",
     "ConcreteRank",
+    "RankBudgetWarning",
     "RankSpec",
     "param_count",
     "rank_caps",
@@ -42,6 +46,13 @@ RankSpec = str | float | int | Sequence[int] | None
 ConcreteRank = int | tuple[int, ...] | None
 
 BUDGET_TOLERANCE = 0.05
+
+
+class RankBudgetWarning(UserWarning):
+    """A float rank could not be met within 5%: the nearest count is used and reported.
+
+    Make it an error with ``warnings.simplefilter("error", RankBudgetWarning)``.
+    """
 
 
 def _layer_modes(n_layers: int) -> Modes:
@@ -117,7 +128,10 @@ def resolve_rank(
         blocktt).
 
     Raises:
-        ValueError: for an invalid rank, or a float budget the format cannot meet within 5%.
+        ValueError: for an invalid rank, or a float budget outside what the format can reach.
+
+    Warns:
+        RankBudgetWarning: when the nearest parameter count is more than 5% off a float rank.
         TypeError: for a rank of the wrong type.
 
     Example:
@@ -221,15 +235,25 @@ def _from_budget(
         family = _tucker_family(caps) if fmt == "tucker" else _train_family(caps)
         best = _fit_vector(family, count, target, caps)
     got = count(best)
-    if strict and abs(got - target) > BUDGET_TOLERANCE * target:
-        lo_frac = count(_smallest(fmt, caps)) / dense
-        hi_frac = count(_largest(fmt, caps)) / dense if fmt != "cp" else math.inf
+    lo_count = count(_smallest(fmt, caps))
+    hi_count = count(_largest(fmt, caps)) if fmt != "cp" else math.inf
+    span = (
+        f"for in modes {tuple(in_modes)} and out modes {tuple(out_modes)} this format spans "
+        f"fractions {lo_count / dense:.3g} to {hi_count / dense:.3g}"
+    )
+    if target < (1 - BUDGET_TOLERANCE) * lo_count or target > (1 + BUDGET_TOLERANCE) * hi_count:
         raise ValueError(
             f"rank={fraction} asks for {target:.0f} parameters ({fraction:g} of the dense "
-            f"{dense}), but the nearest factorization={fmt!r} has {got} "
-            f"({got / dense:.3g} of dense); for in modes {tuple(in_modes)} and out modes "
-            f"{tuple(out_modes)} this format spans fractions {lo_frac:.3g} to {hi_frac:.3g} "
-            f"in coarse steps: pick a float in that range, or give explicit ranks"
+            f"{dense}), which factorization={fmt!r} cannot reach: {span}"
+        )
+    if strict and abs(got - target) > BUDGET_TOLERANCE * target:
+        warnings.warn(
+            f"rank={fraction} asks for {target:.0f} parameters but the nearest "
+            f"factorization={fmt!r} (rank {best}) has {got} ({got / dense:.3g} of the dense "
+            f"{dense}): its ranks move the count in coarse steps here; {span}. Give explicit "
+            f"ranks to choose another point",
+            RankBudgetWarning,
+            stacklevel=4,
         )
     return best
 

@@ -1,0 +1,509 @@
+"""``FactorizedLinear``: a linear layer whose weight is kept in a tensor-factorized format."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ._ops import frobenius_error
+from .formats import canonical_name, get_format
+from .formats.base import FactorizedMatrix
+from .plan import IMPLEMENTATIONS, choose_implementation
+from .ranks import ConcreteRank, RankSpec
+from .shapes import Modes, factorize, tensorize_shape, validate_modes
+
+__all__ = ["FactorizedLinear", "LinearView"]
+
+TensorizedFeatures = int | Sequence[int]
+
+
+def _resolve_modes(
+    in_spec: TensorizedFeatures | None,
+    out_spec: TensorizedFeatures | None,
+    order: int | None,
+) -> tuple[Modes, Modes]:
+    """Modes from user input: a tuple is taken as is, an int is split automatically."""
+    for name, spec in (("in_tensorized_features", in_spec), ("out_tensorized_features", out_spec)):
+        valid = spec is None or isinstance(spec, int | Sequence)
+        if isinstance(spec, bool | str) or not valid:
+            hint = ""
+            if name.startswith("in") and isinstance(spec, float | str):
+                hint = " (tltorch 0.5 moved rank to second place: pass rank=... by keyword)"
+            raise TypeError(
+                f"{name} must be a tuple of ints (the modes) or an int (auto-tensorize), got "
+                f"{type(spec).__name__} {spec!r}{hint}"
+            )
+    if isinstance(in_spec, int) and isinstance(out_spec, int):
+        return tensorize_shape(in_spec, out_spec, order)
+    in_modes = out_modes = None
+    if in_spec is not None and not isinstance(in_spec, int):
+        in_modes = validate_modes(in_spec, None, "in_tensorized_features")
+    if out_spec is not None and not isinstance(out_spec, int):
+        out_modes = validate_modes(out_spec, None, "out_tensorized_features")
+    if in_modes is None:
+        in_modes = factorize(in_spec, len(out_modes))
+        validate_modes(in_modes, None, "in_tensorized_features")
+    if out_modes is None:
+        out_modes = factorize(out_spec, len(in_modes))
+    return in_modes, out_modes
+
+
+class FactorizedLinear(nn.Module):
+    """A linear layer ``y = x W^T + b`` whose weight is stored as a factorized tensor.
+
+    The weight ``(out_features, in_features)`` is viewed as the tensor
+    ``(*out_tensorized_features, *in_tensorized_features)`` and kept in the format
+    ``factorization``. With ``n_layers > 1`` the tensor has a leading layer mode and the layer
+    holds that many linear maps that share factors; ``indices`` picks one in :meth:`forward`.
+
+    Args:
+        in_tensorized_features: modes of the input features, e.g. ``(8, 8, 16)`` for 1024, or
+            an int to split automatically.
+        out_tensorized_features: modes of the output features, or an int.
+        bias: whether to add a learnable bias (one per layer).
+        factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'blocktt'`` (aliases ``'ttm'``,
+            ``'tt-matrix'``), ``'lowrank'`` or ``'dense'``; case-insensitive.
+        rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
+            of concrete ranks (see :mod:`tensorized.ranks`).
+        n_layers: number of layers sharing the factorized tensor.
+        implementation: ``'factorized'`` (contract the input with the factors),
+            ``'reconstructed'`` (rebuild the matrix, then one GEMM) or ``'auto'`` (the cheaper
+            of the two for the input's batch size, by FLOP count).
+        checkpointing: recompute the forward during backward to save activation memory.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shapes:
+        ``x``: ``(..., in_features)`` -> ``(..., out_features)``.
+
+    Example:
+        >>> layer = FactorizedLinear((8, 8), (4, 4), factorization="tucker", rank=0.5)
+        >>> layer(torch.randn(32, 64)).shape
+        torch.Size([32, 16])
+    """
+
+    def __init__(
+        self,
+        in_tensorized_features: TensorizedFeatures,
+        out_tensorized_features: TensorizedFeatures,
+        bias: bool = True,
+        factorization: str = "cp",
+        rank: RankSpec = "same",
+        n_layers: int = 1,
+        *,
+        implementation: str = "auto",
+        checkpointing: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_tensorized_features is None or out_tensorized_features is None:
+            raise TypeError(
+                "in_tensorized_features and out_tensorized_features are required (a tuple of "
+                "modes or an int feature count)"
+            )
+        in_modes, out_modes = _resolve_modes(in_tensorized_features, out_tensorized_features, None)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+            )
+        self.factorization = canonical_name(factorization)
+        self.weight: FactorizedMatrix = get_format(self.factorization)(
+            in_modes, out_modes, rank, n_layers, device=device, dtype=dtype
+        )
+        self.implementation = implementation
+        self.checkpointing = bool(checkpointing)
+        if bias:
+            shape = (n_layers, self.out_features) if n_layers > 1 else (self.out_features,)
+            self.bias = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self._impl_cache: dict[int, str] = {}
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ attributes
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.out_features
+
+    @property
+    def in_tensorized_features(self) -> Modes:
+        return self.weight.in_modes
+
+    @property
+    def out_tensorized_features(self) -> Modes:
+        return self.weight.out_modes
+
+    @property
+    def tensorized_shape(self) -> Modes:
+        """``([n_layers,] *out_tensorized_features, *in_tensorized_features)``."""
+        lead = (self.n_layers,) if self.n_layers > 1 else ()
+        return lead + self.out_tensorized_features + self.in_tensorized_features
+
+    @property
+    def rank(self) -> ConcreteRank:
+        """The concrete ranks of the weight's format."""
+        return self.weight.rank
+
+    @property
+    def n_layers(self) -> int:
+        return self.weight.n_layers
+
+    @property
+    def num_params(self) -> int:
+        """Stored parameters, bias included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        dense = self.n_layers * self.in_features * self.out_features
+        ratio = dense / max(self.weight.num_params, 1)
+        layers = f", n_layers={self.n_layers}" if self.n_layers > 1 else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"in_tensorized_features={self.in_tensorized_features}, "
+            f"out_tensorized_features={self.out_tensorized_features}, "
+            f"factorization={self.factorization!r}, rank={self.rank}{layers}, "
+            f"bias={self.bias is not None}, implementation={self.implementation!r}, "
+            f"params={self.weight.num_params:,} vs dense {dense:,} ({ratio:.1f}x compression)"
+        )
+
+    def __repr__(self) -> str:  # the factorized weight is summarized in extra_repr already
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    # ------------------------------------------------------------------ init
+
+    def reset_parameters(self) -> None:
+        """Re-initialize at ``nn.Linear``'s scale.
+
+        The reconstructed weight gets std ``1/sqrt(3 * in_features)`` (that of nn.Linear's
+        uniform init) and the bias ``U(-1/sqrt(in_features), 1/sqrt(in_features))``.
+        """
+        self.weight.reset_parameters(1.0 / math.sqrt(3 * self.in_features))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._impl_cache.clear()
+
+    # ------------------------------------------------------------------ forward
+
+    def _layer(self, indices: int) -> int | None:
+        if isinstance(indices, Tensor) and indices.numel() == 1 and not indices.is_floating_point():
+            indices = int(indices)
+        if isinstance(indices, bool) or not isinstance(indices, int):
+            raise TypeError(
+                f"indices must be an int layer index, got {type(indices).__name__} {indices!r}"
+            )
+        if not 0 <= indices < self.n_layers:
+            raise IndexError(
+                f"indices={indices} is out of range: this layer holds n_layers={self.n_layers} "
+                f"(valid: 0 to {self.n_layers - 1})"
+            )
+        return indices if self.n_layers > 1 else None
+
+    def implementation_for(self, batch: int) -> str:
+        """The implementation used for ``batch`` rows (``'auto'`` resolved by FLOP count)."""
+        if self.implementation != "auto":
+            return self.implementation
+        choice = self._impl_cache.get(batch)
+        if choice is None:
+            choice = self._impl_cache[batch] = choose_implementation(self.weight, batch)
+        return choice
+
+    def forward(self, x: Tensor, indices: int = 0) -> Tensor:
+        """Apply layer ``indices``.
+
+        Args:
+            x: ``(..., in_features)``.
+            indices: which layer when ``n_layers > 1`` (must be 0 otherwise).
+
+        Returns:
+            ``(..., out_features)``.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have in_features={self.in_features} features in its last dim, got "
+                f"input shape {tuple(x.shape)}"
+            )
+        layer = self._layer(indices)
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, layer, use_reentrant=False)
+        return self._forward(x, layer)
+
+    def _forward(self, x: Tensor, layer: int | None) -> Tensor:
+        bias = None
+        if self.bias is not None:
+            bias = self.bias if layer is None else self.bias[layer]
+        batch = x.numel() // self.in_features
+        if self.implementation_for(batch) == "reconstructed":
+            return F.linear(x, self.weight.to_matrix(layer), bias)
+        y = self.weight.contract(x, layer)
+        return y if bias is None else y + bias
+
+    # ------------------------------------------------------------------ layers
+
+    def get_linear(self, indices: int) -> LinearView:
+        """A module computing layer ``indices`` with the shared parameters (no copy)."""
+        self._layer(indices)
+        return LinearView(self, indices)
+
+    def __getitem__(self, indices: int) -> LinearView:
+        return self.get_linear(indices)
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def __iter__(self) -> Iterator[LinearView]:
+        return (self.get_linear(i) for i in range(self.n_layers))
+
+    @torch.no_grad()
+    def to_linear(self, indices: int = 0) -> nn.Linear:
+        """A plain ``nn.Linear`` holding a copy of layer ``indices``'s reconstructed weight."""
+        layer = self._layer(indices)
+        W = self.weight.to_matrix(layer)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=W.device,
+            dtype=W.dtype,
+        )
+        linear.weight.copy_(W)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias if layer is None else self.bias[layer])
+        return linear
+
+    # ------------------------------------------------------------------ from dense layers
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        in_tensorized_features: TensorizedFeatures | None = None,
+        out_tensorized_features: TensorizedFeatures | None = None,
+        rank: RankSpec = "same",
+        bias: bool = True,
+        factorization: str = "CP",
+        decomposition_kwargs: dict[str, Any] | None = None,
+        *,
+        auto_tensorize: bool = True,
+        n_tensorized_modes: int = 3,
+        implementation: str = "auto",
+        checkpointing: bool = False,
+        verbose: bool = False,
+    ) -> FactorizedLinear:
+        """Compress a trained ``nn.Linear`` by decomposing its weight.
+
+        Args:
+            linear: the source layer (any ``nn.Linear``; it is not modified).
+            in_tensorized_features: input modes; ``None`` (or an int) auto-tensorizes.
+            out_tensorized_features: output modes; ``None`` (or an int) auto-tensorizes.
+            rank: as in the constructor.
+            bias: keep a bias; it is copied from the source (zeros if the source has none).
+            factorization: the format name.
+            decomposition_kwargs: options of the decomposition (e.g. ``n_iter_max``).
+            auto_tensorize: allow ``None`` modes to be chosen automatically (explicit modes
+                always win).
+            n_tensorized_modes: number of modes per side when auto-tensorizing.
+            implementation: as in the constructor.
+            checkpointing: as in the constructor.
+            verbose: print the relative weight error and the time taken.
+
+        Returns:
+            A layer on the source's device and dtype.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        return cls._from_weights(
+            [linear],
+            in_tensorized_features,
+            out_tensorized_features,
+            rank,
+            bias,
+            factorization,
+            decomposition_kwargs,
+            auto_tensorize=auto_tensorize,
+            n_tensorized_modes=n_tensorized_modes,
+            implementation=implementation,
+            checkpointing=checkpointing,
+            verbose=verbose,
+            joint=False,
+        )
+
+    @classmethod
+    def from_linear_list(
+        cls,
+        linear_list: Sequence[nn.Linear],
+        in_tensorized_features: TensorizedFeatures | None = None,
+        out_tensorized_features: TensorizedFeatures | None = None,
+        rank: RankSpec = "same",
+        bias: bool = True,
+        factorization: str = "CP",
+        decomposition_kwargs: dict[str, Any] | None = None,
+        *,
+        auto_tensorize: bool = True,
+        n_tensorized_modes: int = 3,
+        implementation: str = "auto",
+        checkpointing: bool = False,
+        verbose: bool = False,
+    ) -> FactorizedLinear:
+        """Jointly compress same-shaped layers into one tensor with a leading layer mode.
+
+        ``result[i]`` then computes (an approximation of) ``linear_list[i]``. Arguments are
+        as in :meth:`from_linear`; ``rank`` counts the parameters of all layers together.
+        """
+        if isinstance(linear_list, nn.Linear) or not isinstance(
+            linear_list, Sequence | nn.ModuleList
+        ):
+            raise TypeError(
+                f"linear_list must be a list of nn.Linear, got {type(linear_list).__name__}"
+            )
+        linear_list = list(linear_list)
+        if not linear_list:
+            raise ValueError("linear_list is empty; give at least one nn.Linear")
+        for k, lin in enumerate(linear_list):
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"linear_list[{k}] must be an nn.Linear, got {type(lin).__name__}")
+            if lin.weight.shape != linear_list[0].weight.shape:
+                raise ValueError(
+                    f"all layers must have the same shape: linear_list[0] is "
+                    f"{tuple(linear_list[0].weight.shape)} (out, in) but linear_list[{k}] is "
+                    f"{tuple(lin.weight.shape)}"
+                )
+        return cls._from_weights(
+            linear_list,
+            in_tensorized_features,
+            out_tensorized_features,
+            rank,
+            bias,
+            factorization,
+            decomposition_kwargs,
+            auto_tensorize=auto_tensorize,
+            n_tensorized_modes=n_tensorized_modes,
+            implementation=implementation,
+            checkpointing=checkpointing,
+            verbose=verbose,
+            joint=True,
+        )
+
+    @classmethod
+    def _from_weights(
+        cls,
+        linears: list[nn.Linear],
+        in_spec,
+        out_spec,
+        rank,
+        bias,
+        factorization,
+        decomposition_kwargs,
+        *,
+        auto_tensorize,
+        n_tensorized_modes,
+        implementation,
+        checkpointing,
+        verbose,
+        joint,
+    ) -> FactorizedLinear:
+        source = linears[0].weight
+        out_features, in_features = source.shape
+        if (in_spec is None or out_spec is None) and not auto_tensorize:
+            raise ValueError(
+                "in_tensorized_features and out_tensorized_features are required when "
+                "auto_tensorize=False"
+            )
+        if decomposition_kwargs is not None and not isinstance(decomposition_kwargs, dict):
+            raise TypeError(
+                f"decomposition_kwargs must be a dict, got {type(decomposition_kwargs).__name__}"
+            )
+        in_modes, out_modes = _resolve_modes(
+            in_features if in_spec is None else in_spec,
+            out_features if out_spec is None else out_spec,
+            n_tensorized_modes,
+        )
+        validate_modes(in_modes, in_features, "in_tensorized_features")
+        validate_modes(out_modes, out_features, "out_tensorized_features")
+        W = torch.stack([lin.weight.detach() for lin in linears]) if joint else source.detach()
+        start = time.perf_counter()
+        fmt = get_format(factorization)
+        weight = fmt.from_matrix(W, in_modes, out_modes, rank, **(decomposition_kwargs or {}))
+        layer = cls(
+            in_modes,
+            out_modes,
+            bias,
+            factorization,
+            weight.rank,
+            weight.n_layers,
+            implementation=implementation,
+            checkpointing=checkpointing,
+            device=source.device,
+            dtype=source.dtype,
+        )
+        layer.weight = weight
+        if bias:
+            with torch.no_grad():
+                biases = [
+                    lin.bias.detach() if lin.bias is not None else torch.zeros_like(source[:, 0])
+                    for lin in linears
+                ]
+                layer.bias.copy_(torch.stack(biases) if joint else biases[0])
+        if verbose:
+            err = frobenius_error(W, weight.to_matrix().detach())
+            print(
+                f"{cls.__name__}.from_linear{'_list' if joint else ''}: {factorization} "
+                f"rank={weight.rank}, relative weight error {err:.4g}, "
+                f"{time.perf_counter() - start:.2f}s"
+            )
+        return layer
+
+
+class LinearView(nn.Module):
+    """Layer ``index`` of a :class:`FactorizedLinear` with ``n_layers > 1``, sharing its
+    parameters: training the view trains the shared tensor.
+
+    Shapes:
+        ``x``: ``(..., in_features)`` -> ``(..., out_features)``.
+    """
+
+    def __init__(self, parent: FactorizedLinear, index: int) -> None:
+        super().__init__()
+        self.parent = parent
+        self.index = index
+
+    @property
+    def in_features(self) -> int:
+        return self.parent.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.parent.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.parent(x, self.index)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` copy of this layer."""
+        return self.parent.to_linear(self.index)
+
+    def __repr__(self) -> str:
+        p = self.parent
+        return (
+            f"LinearView(index={self.index} of {p.n_layers}, in_features={p.in_features}, "
+            f"out_features={p.out_features}, factorization={p.factorization!r})"
+        )
