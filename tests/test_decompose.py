@@ -291,3 +291,9 @@ def test_zero_and_rank_deficient_inputs_have_no_nan():
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_cp_refuses_hopeless_ranks_with_advice():
+    T = torch.randn(16, 16, 16, 16)
+    with pytest.raises(ValueError, match=r"CP rank 20000 .* FLOPs per ALS iteration.*'tucker'"):
+        dec.cp_als(T, 20000)

@@ -36,7 +36,7 @@ def test_float_rank_meets_budget_or_says_why(shape, fmt, fraction):
         smallest = 1 if fmt in ("cp", "lowrank") else (1,) * len(caps)
         largest = caps[0] if fmt in ("cp", "lowrank") else caps
         lo = param_count(fmt, ins, outs, smallest, n_layers)
-        hi = param_count(fmt, ins, outs, largest, n_layers) if fmt != "cp" else math.inf
+        hi = param_count(fmt, ins, outs, largest, n_layers)
         assert not 0.95 * lo <= fraction * dense <= 1.05 * hi
         return
     _assert_valid(fmt, ins, outs, rank, n_layers)
@@ -48,7 +48,7 @@ def test_float_rank_meets_budget_or_says_why(shape, fmt, fraction):
         assert budget_warnings and "coarse steps" in str(budget_warnings[0].message)
         if fmt in ("cp", "lowrank"):
             for r in (rank - 1, rank + 1):
-                if 1 <= r <= rank_caps(fmt, ins, outs, n_layers)[0] or (fmt == "cp" and r >= 1):
+                if 1 <= r <= rank_caps(fmt, ins, outs, n_layers)[0]:
                     other = param_count(fmt, ins, outs, r, n_layers)
                     assert abs(other - fraction * dense) >= abs(count - fraction * dense)
     else:
@@ -68,9 +68,7 @@ def test_int_rank_is_valid_and_clipped(shape, fmt, r):
 def _assert_valid(fmt, ins, outs, rank, n_layers):
     caps = rank_caps(fmt, ins, outs, n_layers)
     if fmt in ("cp", "lowrank"):
-        assert isinstance(rank, int) and rank >= 1
-        if fmt == "lowrank":
-            assert rank <= caps[0]
+        assert isinstance(rank, int) and 1 <= rank <= caps[0]
     else:
         assert len(rank) == len(caps)
         assert all(1 <= r <= c for r, c in zip(rank, caps))

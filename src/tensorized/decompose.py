@@ -213,6 +213,7 @@ def cp_als(
     init: str = "svd",
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
+    max_iter_flops: float | None = 5e11,
 ) -> CPTensor:
     """CP decomposition by alternating least squares.
 
@@ -226,6 +227,9 @@ def cp_als(
         generator: random generator (random columns, random init).
         dtype: compute dtype. The two large GEMMs per iteration (tensor times Khatri-Rao
             product) run in float32 when the input is float32; everything else in ``dtype``.
+        max_iter_flops: refuse (``ValueError``) ranks whose ALS iteration would cost more
+            than this many FLOPs (the ``R x R`` solves grow as ``R^3``), instead of running
+            for hours; ``None`` disables the check.
 
     Returns:
         ``CPTensor(weights (R,), factors [(n_k, R)], errors)`` with unit-norm factor columns;
@@ -238,9 +242,17 @@ def cp_als(
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    shape, d = tuple(tensor.shape), tensor.ndim
+    iter_flops = 4 * tensor.numel() * rank + d * (rank**3 / 3 + 4 * rank**2 * max(shape))
+    if max_iter_flops is not None and iter_flops > max_iter_flops:
+        raise ValueError(
+            f"CP rank {rank} on a tensor of shape {shape} needs about {iter_flops:.2g} FLOPs "
+            f"per ALS iteration (the R x R solves grow as R^3), far more than a useful "
+            f"compression: use a smaller rank (e.g. a parameter fraction of 0.1 or less) or "
+            f"another format ('tucker', 'tt', 'blocktt'); pass max_iter_flops=None to run anyway"
+        )
     X = tensor.to(dtype)
     gen = _generator(generator, X.device)
-    shape, d = tuple(X.shape), X.ndim
     norm_x = X.norm()
     factors = _cp_init(X, rank, init, gen)
     weights = X.new_ones(rank)
@@ -345,7 +357,8 @@ def tucker(
     ranks: Sequence[int | None],
     *,
     n_iter_max: int = 20,
-    tol: float = 1e-8,
+    tol: float = 1e-6,
+    init: str = "svd",
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> TuckerTensor:
@@ -357,7 +370,8 @@ def tucker(
             is how a leading layer mode is kept.
         n_iter_max: HOOI iteration cap (0: plain truncated HOSVD).
         tol: stop when the relative error changes by less than this.
-        generator: random generator (only used by randomized SVDs on very large modes).
+        init: ``'svd'`` (truncated HOSVD) or ``'random'`` (random orthonormal factors).
+        generator: random generator (random init, randomized SVDs on very large modes).
         dtype: compute dtype.
 
     Returns:
@@ -370,22 +384,30 @@ def tucker(
             f"ranks={tuple(ranks)} must give one rank per mode of a tensor of "
             f"shape {tuple(tensor.shape)}"
         )
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     X = tensor.to(dtype)
     gen = _generator(generator, X.device)
     modes = [k for k, r in enumerate(ranks) if r is not None]
     factors: list[Tensor | None] = [None] * X.ndim
     for k in modes:
-        factors[k] = _leading_subspace(unfold(X, k), ranks[k], gen)
+        if init == "svd":
+            factors[k] = _leading_subspace(unfold(X, k), ranks[k], gen)
+        else:
+            rand = torch.randn(X.shape[k], ranks[k], generator=gen, device=X.device, dtype=dtype)
+            factors[k] = torch.linalg.qr(rand)[0]
     norm_x = X.norm()
-    errors = [_tucker_error(X, factors, norm_x)]
+    core = _project(X, factors)
+    errors = [_tucker_error(core, norm_x)]
     for _ in range(n_iter_max):
         for k in modes:
             Y = _project(X, factors, skip=k)
             factors[k] = _leading_subspace(unfold(Y, k), ranks[k], gen)
-        errors.append(_tucker_error(X, factors, norm_x))
+        core = mode_dot(Y, factors[modes[-1]].T, modes[-1]) if modes else X
+        errors.append(_tucker_error(core, norm_x))
         if abs(errors[-2] - errors[-1]) < tol:
             break
-    return TuckerTensor(_project(X, factors), factors, errors)
+    return TuckerTensor(core, factors, errors)
 
 
 def _project(X: Tensor, factors: Sequence[Tensor | None], skip: int | None = None) -> Tensor:
@@ -399,12 +421,11 @@ def _project(X: Tensor, factors: Sequence[Tensor | None], skip: int | None = Non
     return X
 
 
-def _tucker_error(X: Tensor, factors: Sequence[Tensor | None], norm_x: Tensor) -> float:
+def _tucker_error(core: Tensor, norm_x: Tensor) -> float:
     if norm_x == 0:
         return 0.0
     # Orthonormal factors: ||X - Xhat||^2 = ||X||^2 - ||core||^2.
-    core_norm = _project(X, factors).norm()
-    return float((norm_x**2 - core_norm**2).clamp_min(0).sqrt() / norm_x)
+    return float((norm_x**2 - core.norm() ** 2).clamp_min(0).sqrt() / norm_x)
 
 
 # --------------------------------------------------------------------------- tensor train

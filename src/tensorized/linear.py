@@ -150,9 +150,9 @@ class FactorizedLinear(nn.Module):
 
     @property
     def tensorized_shape(self) -> Modes:
-        """``([n_layers,] *out_tensorized_features, *in_tensorized_features)``."""
-        lead = (self.n_layers,) if self.n_layers > 1 else ()
-        return lead + self.out_tensorized_features + self.in_tensorized_features
+        """``(*out_tensorized_features, *in_tensorized_features)``, as in tltorch (the layer
+        mode, if any, is not included)."""
+        return self.out_tensorized_features + self.in_tensorized_features
 
     @property
     def rank(self) -> ConcreteRank:

@@ -69,8 +69,8 @@ def train_modes(fmt: str, in_modes: Modes, out_modes: Modes, n_layers: int) -> M
 def rank_caps(fmt: str, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
     """Largest useful value of each concrete rank (the rank at which the format is exact).
 
-    For ``cp`` there is no finite cap; the returned value is the generic upper bound
-    ``prod(all sizes) / max(size)`` at which CP is always exact.
+    For ``cp`` the cap is ``prod(all sizes) / max(size)``, a rank at which CP can always
+    represent the tensor exactly (a larger CP rank never helps).
     """
     sizes = _layer_modes(n_layers) + tuple(out_modes) + tuple(in_modes)
     if fmt == "cp":
@@ -182,9 +182,7 @@ def resolve_rank(
 
 
 def _from_int(fmt: str, rank: int, caps: tuple[int, ...]) -> ConcreteRank:
-    if fmt == "cp":
-        return rank
-    if fmt == "lowrank":
+    if fmt in ("cp", "lowrank"):
         return min(rank, caps[0])
     return tuple(min(rank, c) for c in caps)
 
@@ -204,7 +202,7 @@ def _from_tuple(fmt: str, rank: tuple, caps: tuple[int, ...]) -> ConcreteRank:
         }[fmt]
         raise ValueError(f"factorization={fmt!r} needs {what}, got rank={rank!r}")
     for r, cap in zip(rank, caps):
-        if r < 1 or (fmt != "cp" and r > cap):
+        if r < 1 or r > cap:
             raise ValueError(
                 f"rank={rank!r} is out of range for factorization={fmt!r}: each rank must be "
                 f"between 1 and its maximum {caps}"
@@ -228,15 +226,13 @@ def _from_budget(
         return param_count(fmt, in_modes, out_modes, r, n_layers)
 
     if fmt in ("cp", "lowrank"):
-        per_rank = count(1)
-        hi = caps[0] if fmt == "lowrank" else max(1, math.ceil(target / per_rank))
-        best = min(max(1, round(target / per_rank)), hi)
+        best = min(max(1, round(target / count(1))), caps[0])
     else:
         family = _tucker_family(caps) if fmt == "tucker" else _train_family(caps)
         best = _fit_vector(family, count, target, caps)
     got = count(best)
     lo_count = count(_smallest(fmt, caps))
-    hi_count = count(_largest(fmt, caps)) if fmt != "cp" else math.inf
+    hi_count = count(_largest(fmt, caps))
     span = (
         f"for in modes {tuple(in_modes)} and out modes {tuple(out_modes)} this format spans "
         f"fractions {lo_count / dense:.3g} to {hi_count / dense:.3g}"

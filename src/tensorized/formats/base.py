@@ -147,7 +147,9 @@ class FactorizedMatrix(nn.Module):
         Each factor is drawn with a balanced scale (the variance of the product is split
         evenly over the factors, which for TT formats means accounting for the product of
         the ranks), then all scale-carrying factors are rescaled by the same amount so that
-        the empirical std of the reconstruction is exactly ``std``.
+        the empirical std of the reconstruction is exactly ``std`` (and each layer's, with a
+        layer mode). The std is measured from contractions of the factors, without forming
+        the matrix.
 
         Args:
             std: target std; defaults to ``1 / sqrt(3 * in_features)``, the std of
@@ -159,20 +161,41 @@ class FactorizedMatrix(nn.Module):
             raise ValueError(f"std must be a finite number >= 0, got {std!r}")
         self._init_factors(std)
         scaled = self._scaled_factors()
-        actual = float(self.to_matrix().float().std(correction=0))
-        if actual > 0 and std > 0:
-            ratio = (std / actual) ** (1.0 / len(scaled))
-            for p in scaled:
-                p.mul_(ratio)
-        elif std == 0:
+        if std == 0:
             scaled[0].zero_()
-        if self.n_layers > 1 and std > 0:
-            # The global rescale fixes the overall std; each layer is then corrected alone
+            return
+        layers = [None] if self.n_layers == 1 else list(range(self.n_layers))
+        stds = [self._empirical_std(layer) for layer in layers]
+        if any(s is None or s == 0 for s in stds):
+            return  # too costly to measure exactly: the balanced draw is right in expectation
+        overall = math.sqrt(sum(s * s for s in stds) / len(stds))
+        ratio = (std / overall) ** (1.0 / len(scaled))
+        for p in scaled:
+            p.mul_(ratio)
+        if self.n_layers > 1:
+            # The common rescale fixes the overall std; each layer is then corrected alone
             # through the slice of the parameters that only it uses.
-            for layer in range(self.n_layers):
-                actual = float(self._to_matrix(layer).float().std(correction=0))
-                if actual > 0:
-                    self._layer_slice(layer).mul_(std / actual)
+            for layer, s in zip(layers, stds):
+                self._layer_slice(layer).mul_(overall / s)
+
+    @torch.no_grad()
+    def _empirical_std(self, layer: int | None) -> float | None:
+        """Std of the entries of one layer's weight, from its first two moments."""
+        moments = self._moments(layer)
+        if moments is None:
+            return None
+        total, total_sq = moments
+        n = self.out_features * self.in_features
+        return math.sqrt(max(total_sq / n - (total / n) ** 2, 0.0))
+
+    def _moments(self, layer: int | None) -> tuple[float, float] | None:
+        """``(sum, sum of squares)`` of one layer's weight entries, or None if too costly.
+
+        This fallback reconstructs the weight; formats override it with contractions of
+        the factors that never form the matrix.
+        """
+        W = self._to_matrix(layer).double()
+        return float(W.sum()), float(W.pow(2).sum())
 
     # ---------------------------------------------------------------- decomposition
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,9 +53,24 @@ class CPMatrix(FactorizedMatrix):
         sigma = balanced_std(std, self.rank, len(self.factors))
         for f in self.factors:
             nn.init.normal_(f, 0.0, sigma)
+            # Exact column norms make the diagonal of ||W||^2 exact, so the std is right
+            # even when the rank is too large to measure it afterwards.
+            f.mul_(sigma * math.sqrt(f.shape[0]) / f.norm(dim=0).clamp_min(1e-30))
 
     def _layer_slice(self, layer: int) -> Tensor:
         return self.factors[0][layer]
+
+    def _moments(self, layer: int | None) -> tuple[float, float] | None:
+        scale, outs, ins = self._split(layer)
+        factors = [f.double() for f in outs + ins]
+        if self.rank > 4096:
+            return None  # R x R Gram matrices would cost more memory than the init is worth
+        scale = scale.double()
+        total = (scale * torch.stack([f.sum(0) for f in factors]).prod(0)).sum()
+        gram = factors[0].T @ factors[0]
+        for f in factors[1:]:
+            gram = gram * (f.T @ f)
+        return float(total), float(scale @ gram @ scale)
 
     def _scaled_factors(self) -> list[nn.Parameter]:
         return list(self.factors)

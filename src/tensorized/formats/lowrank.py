@@ -42,6 +42,11 @@ class LowRankMatrix(FactorizedMatrix):
     def _layer_slice(self, layer: int) -> Tensor:
         return self.s[layer]
 
+    def _moments(self, layer: int | None) -> tuple[float, float] | None:
+        i = 0 if layer is None else layer
+        U, V = self.U[i].double() * self.s[i].double(), self.V[i].double()
+        return float(U.sum(0) @ V.sum(0)), float(((U.T @ U) * (V.T @ V)).sum())
+
     def _scaled_factors(self) -> list[nn.Parameter]:
         return [self.U, self.V]
 

@@ -52,6 +52,16 @@ class TrainMatrix(FactorizedMatrix):
     def _layer_slice(self, layer: int) -> Tensor:
         return self.cores[0][:, layer]
 
+    def _moments(self, layer: int | None) -> tuple[float, float] | None:
+        # Sweep the train with the all-ones vector (sum) and with itself (sum of squares).
+        ones = self.cores[0].new_ones(1, 1, dtype=torch.float64)
+        total, gram = ones, ones
+        for c in self._layer_cores(layer):
+            c = c.double().reshape(c.shape[0], -1, c.shape[-1])
+            total = total @ c.sum(1)
+            gram = torch.einsum("ab,anc,bnd->cd", gram, c, c)
+        return float(total.squeeze()), float(gram.squeeze())
+
     def _scaled_factors(self) -> list[nn.Parameter]:
         return list(self.cores)
 

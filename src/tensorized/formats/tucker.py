@@ -59,6 +59,15 @@ class TuckerMatrix(FactorizedMatrix):
     def _layer_slice(self, layer: int) -> Tensor:
         return self.core[layer]
 
+    def _moments(self, layer: int | None) -> tuple[float, float] | None:
+        core = self._core(layer).double()
+        factors = [f.double() for f in self.factors]
+        total, projected = core, core
+        for k, f in enumerate(factors):
+            total = mode_dot(total, f.sum(0, keepdim=True), k)
+            projected = mode_dot(projected, f.T @ f, k)
+        return float(total.sum()), float((core * projected).sum())
+
     def _scaled_factors(self) -> list[nn.Parameter]:
         return [self.core, *self.factors]
 
