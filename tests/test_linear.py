@@ -41,13 +41,6 @@ def test_forward_equals_dense_oracle(fmt, impl, n_layers, lead):
         torch.testing.assert_close(layer[i](x), y, rtol=0, atol=0)
 
 
-def test_auto_picks_the_cheaper_path_by_flops():
-    layer = tz.FactorizedLinear((32, 32), (32, 32), factorization="cp", rank=4)
-    assert layer.implementation_for(1) == "factorized"
-    big = tz.FactorizedLinear((4, 4), (4, 4), factorization="tucker", rank="same")
-    assert big.implementation_for(4096) == "reconstructed"
-
-
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_from_linear_full_rank_reproduces_source(fmt):
     src = nn.Linear(12, 10, dtype=F64)

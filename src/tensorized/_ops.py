@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,9 +22,21 @@ def khatri_rao(factors: Sequence[Tensor]) -> Tensor:
 
 
 def mode_dot(tensor: Tensor, matrix: Tensor, axis: int) -> Tensor:
-    """Multiply mode ``axis`` of ``tensor`` (size n) by ``matrix`` of shape ``(m, n)``."""
-    moved = tensor.movedim(axis, -1)
-    return (moved @ matrix.transpose(0, 1)).movedim(-1, axis)
+    """Multiply mode ``axis`` of ``tensor`` (size n) by ``matrix`` of shape ``(m, n)``.
+
+    The tensor is viewed as ``(before, n, after)`` so the result comes out contiguous
+    without moving axes: one GEMM when ``before`` or ``after`` is 1, else a batched one.
+    """
+    shape = tensor.shape
+    n, m = shape[axis], matrix.shape[0]
+    before, after = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
+    if after == 1:
+        out = tensor.reshape(before, n) @ matrix.T
+    elif before == 1:
+        out = matrix @ tensor.reshape(n, after)
+    else:
+        out = matrix @ tensor.reshape(before, n, after)
+    return out.reshape(*shape[:axis], m, *shape[axis + 1 :])
 
 
 def unfold(tensor: Tensor, axis: int) -> Tensor:

@@ -357,7 +357,7 @@ def tucker(
     ranks: Sequence[int | None],
     *,
     n_iter_max: int = 20,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
     init: str = "svd",
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
@@ -399,11 +399,16 @@ def tucker(
     norm_x = X.norm()
     core = _project(X, factors)
     errors = [_tucker_error(core, norm_x)]
-    for _ in range(n_iter_max):
-        for k in modes:
-            Y = _project(X, factors, skip=k)
-            factors[k] = _leading_subspace(unfold(Y, k), ranks[k], gen)
-        core = mode_dot(Y, factors[modes[-1]].T, modes[-1]) if modes else X
+    halves = [modes[: len(modes) // 2], modes[len(modes) // 2 :]]
+    for _ in range(n_iter_max if modes else 0):
+        # Gauss-Seidel sweep, in two halves: while one half's factors are updated, the
+        # other half's do not change, so X is projected onto them once per half.
+        for half, other in ((halves[0], halves[1]), (halves[1], halves[0])):
+            partial = _project(X, [f if k in other else None for k, f in enumerate(factors)])
+            for k in half:
+                Y = _project(partial, [f if j in half else None for j, f in enumerate(factors)], k)
+                factors[k] = _leading_subspace(unfold(Y, k), ranks[k], gen)
+        core = mode_dot(Y, factors[k].T, k)
         errors.append(_tucker_error(core, norm_x))
         if abs(errors[-2] - errors[-1]) < tol:
             break

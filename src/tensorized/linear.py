@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ._ops import frobenius_error
 from .formats import canonical_name, get_format
 from .formats.base import FactorizedMatrix
-from .plan import IMPLEMENTATIONS, choose_implementation
+from .plan import Plan, make_plan
 from .ranks import ConcreteRank, RankSpec
 from .shapes import Modes, factorize, tensorize_shape, validate_modes
 
@@ -73,9 +74,11 @@ class FactorizedLinear(nn.Module):
         rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
             of concrete ranks (see :mod:`tensorized.ranks`).
         n_layers: number of layers sharing the factorized tensor.
-        implementation: ``'factorized'`` (contract the input with the factors),
-            ``'reconstructed'`` (rebuild the matrix, then one GEMM) or ``'auto'`` (the cheaper
-            of the two for the input's batch size, by FLOP count).
+        implementation: ``'auto'`` (the planner picks, per batch size, dtype, device and
+            mode, the strategy with the least estimated time; see :meth:`plan`), or a fixed
+            strategy: ``'factorized'`` (contract the input with the factors),
+            ``'reconstructed'`` (rebuild the matrix, then one GEMM; cached in inference), or a
+            format's hybrid (``'kron'`` for Tucker, ``'halves'`` for TT).
         checkpointing: recompute the forward during backward to save activation memory.
         device: device of the parameters.
         dtype: dtype of the parameters.
@@ -112,10 +115,6 @@ class FactorizedLinear(nn.Module):
         in_modes, out_modes = _resolve_modes(in_tensorized_features, out_tensorized_features, None)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}")
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
-            )
         self.factorization = canonical_name(factorization)
         self.weight: FactorizedMatrix = get_format(self.factorization)(
             in_modes, out_modes, rank, n_layers, device=device, dtype=dtype
@@ -127,10 +126,26 @@ class FactorizedLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-        self._impl_cache: dict[int, str] = {}
         self.reset_parameters()
 
     # ------------------------------------------------------------------ attributes
+
+    @property
+    def implementation(self) -> str:
+        """``'auto'`` or a fixed strategy name from ``self.weight.strategies``."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        valid = ("auto", *self.weight.strategies)
+        if value not in valid:
+            raise ValueError(
+                f"implementation must be one of {valid} for factorization="
+                f"{self.factorization!r}, got {value!r}"
+            )
+        self._implementation = value
+        self._plans: dict[tuple, str] = {}
+        self._matrix_cache: tuple | None = None
 
     @property
     def in_features(self) -> int:
@@ -196,7 +211,6 @@ class FactorizedLinear(nn.Module):
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
-        self._impl_cache.clear()
 
     # ------------------------------------------------------------------ forward
 
@@ -214,13 +228,59 @@ class FactorizedLinear(nn.Module):
             )
         return indices if self.n_layers > 1 else None
 
+    def plan(
+        self,
+        batch_size: int,
+        *,
+        training: bool | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Plan:
+        """How ``forward`` computes ``batch_size`` rows, and what every strategy would cost.
+
+        Args:
+            batch_size: rows of the input (all leading dims together).
+            training: whether gradients will flow; defaults to ``self.training``.
+            dtype: compute dtype; defaults to the parameters'.
+            device: defaults to the parameters'.
+
+        Returns:
+            A :class:`tensorized.plan.Plan`: ``plan.chosen`` is the strategy ``'auto'`` uses
+            (or the fixed ``implementation``), ``plan.costs`` has FLOPs, bytes, kernel calls
+            and the estimated time of each; ``print(plan)`` shows them as a table.
+        """
+        param = next(self.weight.parameters())
+        device_type = torch.device(device).type if device is not None else param.device.type
+        plan = make_plan(
+            self.weight,
+            batch_size,
+            training=self.training if training is None else training,
+            dtype=dtype or param.dtype,
+            device_type=device_type,
+        )
+        if self.implementation != "auto":
+            plan = dataclasses.replace(plan, chosen=self.implementation)
+        return plan
+
     def implementation_for(self, batch: int) -> str:
-        """The implementation used for ``batch`` rows (``'auto'`` resolved by FLOP count)."""
+        """The strategy ``forward`` uses for ``batch`` rows in the current mode."""
+        return self._strategy(batch, self.training and torch.is_grad_enabled(), None, None)
+
+    def _strategy(self, batch: int, grad: bool, dtype, device_type) -> str:
         if self.implementation != "auto":
             return self.implementation
-        choice = self._impl_cache.get(batch)
-        if choice is None:
-            choice = self._impl_cache[batch] = choose_implementation(self.weight, batch)
+        key = (batch, grad, dtype, device_type)
+        choice = self._plans.get(key)
+        if choice is None:  # planned once per key; later calls are a dict lookup
+            param = next(self.weight.parameters())
+            choice = make_plan(
+                self.weight,
+                batch,
+                training=grad,
+                dtype=dtype or param.dtype,
+                device_type=device_type or param.device.type,
+            ).chosen
+            self._plans[key] = choice
         return choice
 
     def forward(self, x: Tensor, indices: int = 0) -> Tensor:
@@ -251,11 +311,27 @@ class FactorizedLinear(nn.Module):
         bias = None
         if self.bias is not None:
             bias = self.bias if layer is None else self.bias[layer]
-        batch = x.numel() // self.in_features
-        if self.implementation_for(batch) == "reconstructed":
-            return F.linear(x, self.weight.to_matrix(layer), bias)
-        y = self.weight.contract(x, layer)
-        return y if bias is None else y + bias
+        grad = torch.is_grad_enabled() and self.weight.any_requires_grad()
+        x2d = x.reshape(-1, self.in_features)
+        strategy = self._strategy(x2d.shape[0], grad, x.dtype, x.device.type)
+        if strategy == "reconstructed":
+            W = self.weight.to_matrix(layer) if grad else self._cached_matrix(layer)
+            y = F.linear(x2d, W, bias)
+        else:
+            y = self.weight.apply_strategy(x2d, layer, strategy)
+            if bias is not None:
+                y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _cached_matrix(self, layer: int | None) -> Tensor:
+        """The reconstructed weight, reused while no parameter changes (inference only)."""
+        if torch.compiler.is_compiling():
+            return self.weight.to_matrix(layer)
+        params = list(self.weight.parameters())
+        key = (layer, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        if self._matrix_cache is None or self._matrix_cache[0] != key:
+            self._matrix_cache = (key, self.weight.to_matrix(layer))
+        return self._matrix_cache[1]
 
     # ------------------------------------------------------------------ layers
 

@@ -1,118 +1,292 @@
-"""Cost model of the ways to compute ``x @ W.T`` for a factorized weight.
+"""Cost model and planner for computing ``x @ W.T`` with a factorized weight.
 
-Counts are the FLOPs of the matrix products (2 per multiply-add), which dominate every path;
-element-wise work (Khatri-Rao products, scaling) is linear in the data and left out. The counts
-mirror the code of each format exactly, which the tests check with
-``torch.utils.flop_counter.FlopCounterMode``.
+Every strategy of every format is described by the list of matrix products its code runs
+(:func:`gemms`), mirroring that code exactly (the tests check the FLOPs against
+``torch.utils.flop_counter.FlopCounterMode``). From that list come its FLOPs (2 per
+multiply-add), its memory traffic (operands read, results written) and its kernel calls; a
+small machine model turns them into an estimated time, and the planner picks the fastest.
 
-Two strategies:
+Strategies (``FactorizedMatrix.strategies``):
 
-* ``'reconstructed'``: rebuild ``W`` from the factors, then one GEMM ``x @ W.T``.
-* ``'factorized'``: contract ``x`` with the factors one at a time (``FactorizedMatrix.contract``).
+* ``'reconstructed'``: rebuild ``W`` from the factors, then one GEMM. In eval mode without
+  autograd, ``FactorizedLinear`` caches the rebuilt ``W``, so its cost is the GEMM alone.
+* ``'factorized'``: contract ``x`` with the factors one at a time: CP through the
+  Khatri-Rao products of the in and out factors (two GEMMs), Tucker mode by mode (biggest
+  shrink first), TT in-cores then out-cores, TT-matrix core by core, low-rank ``V`` then ``U``.
+* ``'kron'`` (Tucker): project onto the Kronecker product of the in-factors, apply the core
+  as a matrix, expand with the Kronecker product of the out-factors: three GEMMs.
+* ``'halves'`` (TT): multiply out the in-cores and the out-cores into two matrices
+  ``(r, in)`` and ``(out, r)``, then two GEMMs, like a low-rank layer of rank ``r``.
+
+Backward costs about twice the forward FLOPs for every strategy (each product needs the
+gradients of both operands), so training and inference rank the strategies alike, except
+that inference can reuse a cached reconstruction.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+
+import torch
 
 from .formats.base import FactorizedMatrix
 
-__all__ = ["IMPLEMENTATIONS", "choose_implementation", "contract_flops", "reconstruct_flops"]
+__all__ = ["MACHINES", "Plan", "StrategyCost", "gemms", "make_plan"]
 
-IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
-
-
-def _chain_flops(cores_shapes: list[tuple[int, ...]]) -> int:
-    """Matmul FLOPs of multiplying out a train of cores ``(r, *sizes, r')`` left to right."""
-    flops, rows = 0, math.prod(cores_shapes[0][:-1])
-    for shape in cores_shapes[1:]:
-        r, r_next = shape[0], shape[-1]
-        inner = math.prod(shape[1:-1])
-        flops += 2 * rows * r * inner * r_next
-        rows *= inner
-    return flops
+# (m, k, n, count): ``count`` products of an (m, k) by a (k, n) matrix.
+Gemm = tuple[int, int, int, int]
 
 
-def _layer_merge_flops(weight: FactorizedMatrix) -> int:
-    """Absorbing the layer core's row into the next core (train formats with a layer mode)."""
-    if weight.n_layers == 1:
-        return 0
-    return 2 * weight.cores[1].numel()
+@dataclass(frozen=True)
+class Machine:
+    """A crude machine model: GEMM rate, memory bandwidth and per-call overhead."""
+
+    flops_per_s: float
+    bytes_per_s: float
+    call_overhead_s: float
 
 
-def _layer_core_shapes(weight: FactorizedMatrix) -> list[tuple[int, ...]]:
-    """Shapes of the cores of one layer, as ``TrainMatrix._layer_cores`` returns them."""
+MACHINES: dict[str, Machine] = {
+    "cpu": Machine(flops_per_s=60e9, bytes_per_s=8e9, call_overhead_s=4e-6),
+    "cuda": Machine(flops_per_s=40e12, bytes_per_s=1.5e12, call_overhead_s=8e-6),
+}
+
+
+@dataclass(frozen=True)
+class StrategyCost:
+    """Costs of one strategy at one batch size (forward; backward is about 2x)."""
+
+    name: str
+    forward_flops: int
+    backward_flops: int
+    bytes_moved: int
+    kernel_calls: int
+    seconds: float
+
+    @property
+    def flops(self) -> int:
+        return self.forward_flops
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The strategy chosen for one (batch size, dtype, device, mode) and what each would cost.
+
+    ``str(plan)`` is a table a person can read.
+    """
+
+    factorization: str
+    batch_size: int
+    training: bool
+    dtype: torch.dtype
+    device_type: str
+    chosen: str
+    costs: dict[str, StrategyCost] = field(repr=False)
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs of the chosen strategy."""
+        return self.costs[self.chosen].forward_flops
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return tuple(self.costs)
+
+    def __str__(self) -> str:
+        mode = "training" if self.training else "inference"
+        lines = [
+            f"plan for {self.factorization} at batch {self.batch_size} ({mode}, {self.dtype}, "
+            f"{self.device_type}): {self.chosen}",
+            "| strategy | fwd MFLOP | bwd MFLOP | MB moved | calls | est. us |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in self.costs.values():
+            mark = " *" if c.name == self.chosen else ""
+            lines.append(
+                f"| {c.name}{mark} | {c.forward_flops / 1e6:.3g} | {c.backward_flops / 1e6:.3g} "
+                f"| {c.bytes_moved / 1e6:.3g} | {c.kernel_calls} | {c.seconds * 1e6:.3g} |"
+            )
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ products of each strategy
+
+
+def _train_shapes(weight: FactorizedMatrix) -> list[tuple[int, ...]]:
+    """Core shapes of one layer, as ``TrainMatrix._layer_cores`` returns them."""
     shapes = [tuple(c.shape) for c in weight.cores]
     if weight.n_layers > 1:
         shapes = [(1, *shapes[1][1:]), *shapes[2:]]
     return shapes
 
 
-def reconstruct_flops(weight: FactorizedMatrix) -> int:
-    """Matmul FLOPs of ``weight.to_matrix(layer)`` for one layer."""
+def _layer_merge(weight: FactorizedMatrix) -> list[Gemm]:
+    if weight.n_layers == 1:
+        return []
+    nxt = weight.cores[1]
+    return [(1, nxt.shape[0], nxt.numel() // nxt.shape[0], 1)]
+
+
+def _chain(shapes: list[tuple[int, ...]]) -> list[Gemm]:
+    """Multiplying out a train of cores ``(r, *sizes, r')`` left to right."""
+    out, rows = [], math.prod(shapes[0][:-1])
+    for shape in shapes[1:]:
+        r, r_next, inner = shape[0], shape[-1], math.prod(shape[1:-1])
+        out.append((rows, r, inner * r_next, 1))
+        rows *= inner
+    return out
+
+
+def _reconstruct(weight: FactorizedMatrix) -> list[Gemm]:
     name, O, I = weight.name, weight.out_features, weight.in_features
     if name == "dense":
-        return 0
-    if name == "lowrank":
-        return 2 * O * weight.rank * I
-    if name == "cp":
-        return 2 * O * weight.rank * I
-    if name == "tucker":
-        dims = list(weight.rank)
-        flops = 0
-        for k, n in enumerate(weight.out_modes + weight.in_modes):
-            flops += 2 * math.prod(dims) * n
-            dims[k] = n
-        return flops
-    if name in ("tt", "blocktt"):
-        return _layer_merge_flops(weight) + _chain_flops(_layer_core_shapes(weight))
-    raise ValueError(f"no cost model for format {name!r}")
-
-
-def contract_flops(weight: FactorizedMatrix, batch: int) -> int:
-    """Matmul FLOPs of ``weight.contract(x, layer)`` for ``batch`` rows of ``x``."""
-    name, O, I, B = weight.name, weight.out_features, weight.in_features, batch
-    if name == "dense":
-        return 2 * B * O * I
+        return []
     if name in ("lowrank", "cp"):
-        return 2 * B * weight.rank * (I + O)
+        return [(O, weight.rank, I, 1)]
     if name == "tucker":
-        m = len(weight.out_modes)
-        r_out, r_in = weight.rank[:m], weight.rank[m:]
-        flops, dims = 0, list(weight.in_modes)
-        for k, r in enumerate(r_in):
-            flops += 2 * B * math.prod(dims) * r
-            dims[k] = r
-        flops += 2 * B * math.prod(r_in) * math.prod(r_out)
-        dims = list(r_out)
-        for k, o in enumerate(weight.out_modes):
-            flops += 2 * B * math.prod(dims) * o
-            dims[k] = o
-        return flops
-    if name == "tt":
-        m = len(weight.out_modes)
-        cores = _layer_core_shapes(weight)
-        flops, rows = _layer_merge_flops(weight), B * I
-        for r, i, r_next in reversed(cores[m:]):
-            rows //= i
-            flops += 2 * rows * i * r_next * r
-        rest = 1
-        for r, o, r_next in reversed(cores[:m]):
-            flops += 2 * B * r * o * r_next * rest
-            rest *= o
-        return flops
-    if name == "blocktt":
-        flops, done, rest = _layer_merge_flops(weight), 1, I
-        for r, o, i, r_next in _layer_core_shapes(weight):
-            rest //= i
-            flops += 2 * B * done * o * r_next * r * i * rest
-            done *= o
-        return flops
-    raise ValueError(f"no cost model for format {name!r}")
+        dims, out = list(weight.rank), []
+        for k, n in enumerate(weight.out_modes + weight.in_modes):
+            out.append((math.prod(dims) // dims[k], dims[k], n, 1))
+            dims[k] = n
+        return out
+    return _layer_merge(weight) + _chain(_train_shapes(weight))
 
 
-def choose_implementation(weight: FactorizedMatrix, batch: int) -> str:
-    """The cheaper of ``'factorized'`` and ``'reconstructed'`` for ``batch`` rows."""
-    dense_gemm = 2 * batch * weight.out_features * weight.in_features
-    reconstructed = reconstruct_flops(weight) + dense_gemm
-    return "factorized" if contract_flops(weight, batch) <= reconstructed else "reconstructed"
+def _tucker_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+    m = len(weight.out_modes)
+    r_out, r_in = weight.rank[:m], weight.rank[m:]
+    out, dims = [], list(weight.in_modes)
+    for k in weight.in_order:
+        out.append((B * math.prod(dims) // dims[k], dims[k], r_in[k], 1))
+        dims[k] = r_in[k]
+    out.append((B, math.prod(r_in), math.prod(r_out), 1))
+    dims = list(r_out)
+    for k in weight.out_order:
+        out.append((B * math.prod(dims) // dims[k], dims[k], weight.out_modes[k], 1))
+        dims[k] = weight.out_modes[k]
+    return out
+
+
+def _tucker_kron(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+    m = len(weight.out_modes)
+    r_out, r_in = weight.rank[:m], weight.rank[m:]
+    R_out, R_in = math.prod(r_out), math.prod(r_in)
+    # The Kronecker products are built element-wise (no GEMM).
+    return [
+        (B, weight.in_features, R_in, 1),
+        (B, R_in, R_out, 1),
+        (B, R_out, weight.out_features, 1),
+    ]
+
+
+def _tt_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+    m = len(weight.out_modes)
+    cores = _train_shapes(weight)
+    out, rows = _layer_merge(weight), B * weight.in_features
+    for r, i, r_next in reversed(cores[m:]):
+        rows //= i
+        out.append((rows, i * r_next, r, 1))
+    rest = 1
+    for r, o, r_next in reversed(cores[:m]):
+        out.append((r * o, r_next, rest, B))
+        rest *= o
+    return out
+
+
+def _tt_halves(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+    m = len(weight.out_modes)
+    cores = _train_shapes(weight)
+    r_mid = cores[m][0]
+    build = _layer_merge(weight) + _chain(cores[:m]) + _chain(cores[m:])
+    return [*build, (B, weight.in_features, r_mid, 1), (B, r_mid, weight.out_features, 1)]
+
+
+def _ttm_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+    out, done, rest = _layer_merge(weight), 1, weight.in_features
+    for r, o, i, r_next in _train_shapes(weight):
+        rest //= i
+        out.append((o * r_next, r * i, rest, B * done))
+        done *= o
+    return out
+
+
+def gemms(weight: FactorizedMatrix, strategy: str, batch: int) -> list[Gemm]:
+    """The matrix products ``(m, k, n, count)`` that ``strategy`` runs for ``batch`` rows."""
+    name, O, I, B = weight.name, weight.out_features, weight.in_features, batch
+    if strategy == "reconstructed":
+        return [*_reconstruct(weight), (B, I, O, 1)]
+    if strategy == "cached":  # the GEMM alone, with a reconstruction cached across calls
+        return [(B, I, O, 1)]
+    if strategy == "factorized":
+        if name == "dense":
+            return [(B, I, O, 1)]
+        if name in ("lowrank", "cp"):
+            return [(B, I, weight.rank, 1), (B, weight.rank, O, 1)]
+        if name == "tucker":
+            return _tucker_factorized(weight, B)
+        if name == "tt":
+            return _tt_factorized(weight, B)
+        if name == "blocktt":
+            return _ttm_factorized(weight, B)
+    if strategy == "kron" and name == "tucker":
+        return _tucker_kron(weight, B)
+    if strategy == "halves" and name == "tt":
+        return _tt_halves(weight, B)
+    raise ValueError(
+        f"strategy {strategy!r} is not defined for factorization {name!r}; its strategies "
+        f"are {weight.strategies}"
+    )
+
+
+# ------------------------------------------------------------------ planning
+
+
+def strategy_cost(
+    weight: FactorizedMatrix,
+    strategy: str,
+    batch: int,
+    dtype: torch.dtype,
+    device_type: str,
+    reuse_reconstruction: bool = False,
+) -> StrategyCost:
+    """FLOPs, bytes, calls and estimated seconds of one strategy."""
+    key = "cached" if strategy == "reconstructed" and reuse_reconstruction else strategy
+    products = gemms(weight, key, batch)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flops = sum(2 * m * k * n * c for m, k, n, c in products)
+    moved = sum((m * k + k * n + m * n) * c for m, k, n, c in products) * itemsize
+    machine = MACHINES.get(device_type, MACHINES["cpu"])
+    rate = machine.flops_per_s / (2 if dtype == torch.float64 else 1)
+    seconds = flops / rate + moved / machine.bytes_per_s + len(products) * machine.call_overhead_s
+    return StrategyCost(strategy, flops, 2 * flops, moved, len(products), seconds)
+
+
+def make_plan(
+    weight: FactorizedMatrix,
+    batch: int,
+    *,
+    training: bool,
+    dtype: torch.dtype,
+    device_type: str,
+) -> Plan:
+    """Cost every strategy of ``weight`` and choose the one with the least estimated time.
+
+    Args:
+        weight: the factorized weight.
+        batch: number of rows of ``x`` (all leading dims together).
+        training: whether gradients flow (then a reconstruction cannot be cached).
+        dtype: compute dtype.
+        device_type: ``'cpu'`` or ``'cuda'`` (others use the CPU model).
+
+    Returns:
+        The :class:`Plan`.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch!r}")
+    costs = {
+        s: strategy_cost(weight, s, batch, dtype, device_type, reuse_reconstruction=not training)
+        for s in weight.strategies
+    }
+    chosen = min(costs.values(), key=lambda c: c.seconds).name
+    return Plan(weight.name, batch, training, dtype, device_type, chosen, costs)

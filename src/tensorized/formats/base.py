@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..ranks import ConcreteRank, RankSpec, param_count, resolve_rank
 from ..shapes import Modes, validate_modes
@@ -30,6 +31,9 @@ class FactorizedMatrix(nn.Module):
     """
 
     name: ClassVar[str]
+    #: Ways to compute ``x @ W.T`` (see :mod:`tensorized.plan`); a name ``s`` other than
+    #: 'factorized' and 'reconstructed' is implemented by a method ``_contract_s``.
+    strategies: ClassVar[tuple[str, ...]] = ("factorized", "reconstructed")
 
     def __init__(
         self,
@@ -68,6 +72,10 @@ class FactorizedMatrix(nn.Module):
     def num_params(self) -> int:
         """Number of stored parameters (equals :func:`tensorized.ranks.param_count`)."""
         return sum(p.numel() for p in self.parameters())
+
+    def any_requires_grad(self) -> bool:
+        """Whether any parameter requires a gradient (then nothing may be cached)."""
+        return any(p.requires_grad for p in self.parameters())
 
     @property
     def dense_params(self) -> int:
@@ -116,16 +124,24 @@ class FactorizedMatrix(nn.Module):
             return torch.stack([self._to_matrix(i) for i in range(self.n_layers)])
         return self._to_matrix(layer)
 
-    def contract(self, x: Tensor, layer: int | None = None) -> Tensor:
-        """Compute ``x @ W.T`` without forming ``W``.
+    def contract(self, x: Tensor, layer: int | None = None, strategy: str = "factorized") -> Tensor:
+        """Compute ``x @ W.T``, by default without forming ``W``.
 
         Args:
             x: ``(..., in_features)``.
             layer: which layer; required when ``n_layers > 1``.
+            strategy: one of :attr:`strategies` (see :mod:`tensorized.plan`):
+                ``'factorized'`` contracts ``x`` with the factors, ``'reconstructed'`` forms
+                ``W`` first; some formats have hybrids.
 
         Returns:
             ``(..., out_features)``.
         """
+        if strategy not in self.strategies:
+            raise ValueError(
+                f"strategy must be one of {self.strategies} for factorization={self.name!r}, "
+                f"got {strategy!r}"
+            )
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have in_features={self.in_features} features in its last dim, got "
@@ -137,8 +153,16 @@ class FactorizedMatrix(nn.Module):
                 f"this weight holds n_layers={self.n_layers} layers; pass layer=i to pick one"
             )
         lead = x.shape[:-1]
-        y = self._contract(x.reshape(-1, self.in_features), layer)
+        y = self.apply_strategy(x.reshape(-1, self.in_features), layer, strategy)
         return y.reshape(*lead, self.out_features)
+
+    def apply_strategy(self, x: Tensor, layer: int | None, strategy: str) -> Tensor:
+        """``x (batch, in) -> (batch, out)`` with a validated ``layer`` and ``strategy``."""
+        if strategy == "factorized":
+            return self._contract(x, layer)
+        if strategy == "reconstructed":
+            return F.linear(x, self._to_matrix(layer))
+        return getattr(self, f"_contract_{strategy}")(x, layer)
 
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:

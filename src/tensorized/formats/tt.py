@@ -36,11 +36,7 @@ class TrainMatrix(FactorizedMatrix):
 
     def _chain(self, layer: int | None) -> Tensor:
         """Product of the train of one layer, as a flat tensor in core order."""
-        cores = self._layer_cores(layer)
-        t = cores[0].reshape(-1, cores[0].shape[-1])
-        for c in cores[1:]:
-            t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
-        return t
+        return _product(self._layer_cores(layer))
 
     def _init_factors(self, std: float) -> None:
         # Each entry sums prod(ranks) products of len(cores) core entries: the per-core std
@@ -70,6 +66,7 @@ class TTMatrix(TrainMatrix):
     """``cores``: one ``(r_{k-1}, n_k, r_k)`` tensor per mode of ``([L,] *out, *in)``."""
 
     name = "tt"
+    strategies = ("factorized", "reconstructed", "halves")
 
     def _build(self, factory: dict) -> None:
         modes = train_modes(self.name, self.in_modes, self.out_modes, self.n_layers)
@@ -96,6 +93,21 @@ class TTMatrix(TrainMatrix):
             t = t.reshape(x.shape[0], c.shape[0], -1)
         return t.reshape(x.shape[0], self.out_features)
 
+    def _contract_halves(self, x: Tensor, layer: int | None) -> Tensor:
+        cores = self._layer_cores(layer)
+        m = len(self.out_modes)
+        out_half = _product(cores[:m]).reshape(self.out_features, -1)  # (out, r_m)
+        in_half = _product(cores[m:]).reshape(-1, self.in_features)  # (r_m, in)
+        return (x @ in_half.T) @ out_half.T
+
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         cores = decompose.tensor_train(tensor, self.rank, **kwargs)
         return {f"cores.{k}": c for k, c in enumerate(cores)}
+
+
+def _product(cores: list[Tensor]) -> Tensor:
+    """Multiply out a train ``(r_0, ..., r_k)`` left to right -> ``(r_0 * sizes, r_k)``."""
+    t = cores[0].reshape(-1, cores[0].shape[-1])
+    for c in cores[1:]:
+        t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+    return t

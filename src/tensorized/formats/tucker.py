@@ -21,6 +21,7 @@ class TuckerMatrix(FactorizedMatrix):
     """``core ([L,] *out_ranks, *in_ranks)``; ``factors``: out ``(o_k, r_k)``, in ``(i_k, r_k)``."""
 
     name = "tucker"
+    strategies = ("factorized", "reconstructed", "kron")
 
     def _build(self, factory: dict) -> None:
         lead = (self.n_layers,) if self.n_layers > 1 else ()
@@ -39,16 +40,34 @@ class TuckerMatrix(FactorizedMatrix):
             t = mode_dot(t, f, k)
         return t.reshape(self.out_features, self.in_features)
 
+    @property
+    def in_order(self) -> list[int]:
+        """In modes in projection order: the biggest shrink (rank / size) first."""
+        m = len(self.out_modes)
+        return sorted(range(len(self.in_modes)), key=lambda k: self.rank[m + k] / self.in_modes[k])
+
+    @property
+    def out_order(self) -> list[int]:
+        """Out modes in expansion order: the smallest growth (size / rank) first."""
+        return sorted(range(len(self.out_modes)), key=lambda k: self.out_modes[k] / self.rank[k])
+
     def _contract(self, x: Tensor, layer: int | None) -> Tensor:
         m = len(self.out_modes)
         t = x.reshape(-1, *self.in_modes)
-        for k, f in enumerate(self.factors[m:]):  # project onto the in-factors
-            t = mode_dot(t, f.T, k + 1)
+        for k in self.in_order:  # project onto the in-factors
+            t = mode_dot(t, self.factors[m + k].T, k + 1)
         core = self._core(layer).reshape(math.prod(self.rank[:m]), -1)
         t = (t.reshape(t.shape[0], -1) @ core.T).reshape(-1, *self.rank[:m])
-        for k, f in enumerate(self.factors[:m]):  # expand with the out-factors
-            t = mode_dot(t, f, k + 1)
+        for k in self.out_order:  # expand with the out-factors
+            t = mode_dot(t, self.factors[k], k + 1)
         return t.reshape(-1, self.out_features)
+
+    def _contract_kron(self, x: Tensor, layer: int | None) -> Tensor:
+        m = len(self.out_modes)
+        k_in = _kron(list(self.factors[m:]))  # (in_features, prod in-ranks)
+        k_out = _kron(list(self.factors[:m]))  # (out_features, prod out-ranks)
+        core = self._core(layer).reshape(k_out.shape[1], k_in.shape[1])
+        return ((x @ k_in) @ core.T) @ k_out.T
 
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, math.prod(self.rank), 1 + len(self.factors))
@@ -78,3 +97,13 @@ class TuckerMatrix(FactorizedMatrix):
         for k, f in enumerate(result.factors[len(lead) :]):
             values[f"factors.{k}"] = f
         return values
+
+
+def _kron(factors: list[Tensor]) -> Tensor:
+    """Kronecker product of ``(n_k, r_k)`` matrices -> ``(prod n_k, prod r_k)``, row-major."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[:, None, :, None] * f[None, :, None, :]).reshape(
+            out.shape[0] * f.shape[0], out.shape[1] * f.shape[1]
+        )
+    return out
