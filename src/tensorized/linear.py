@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._ops import frobenius_error
@@ -56,6 +55,13 @@ def _resolve_modes(
     return in_modes, out_modes
 
 
+@torch.compiler.assume_constant_result
+def _planned_strategy(
+    weight: FactorizedMatrix, batch: int, grad: bool, dtype: torch.dtype, device_type: str
+) -> str:
+    return make_plan(weight, batch, training=grad, dtype=dtype, device_type=device_type).chosen
+
+
 class FactorizedLinear(nn.Module):
     """A linear layer ``y = x W^T + b`` whose weight is stored as a factorized tensor.
 
@@ -77,8 +83,10 @@ class FactorizedLinear(nn.Module):
         implementation: ``'auto'`` (the planner picks, per batch size, dtype, device and
             mode, the strategy with the least estimated time; see :meth:`plan`), or a fixed
             strategy: ``'factorized'`` (contract the input with the factors),
-            ``'reconstructed'`` (rebuild the matrix, then one GEMM; cached in inference), or a
-            format's hybrid (``'kron'`` for Tucker, ``'halves'`` for TT).
+            ``'reconstructed'`` (rebuild the matrix, then one GEMM), or a format's hybrid
+            (``'kron'`` for Tucker, ``'halves'`` for TT). In inference (no autograd) the
+            weight-only part of the strategy (e.g. the rebuilt matrix) is cached until a
+            parameter changes.
         checkpointing: recompute the forward during backward to save activation memory.
         device: device of the parameters.
         dtype: dtype of the parameters.
@@ -145,7 +153,7 @@ class FactorizedLinear(nn.Module):
             )
         self._implementation = value
         self._plans: dict[tuple, str] = {}
-        self._matrix_cache: tuple | None = None
+        self._operand_cache: tuple | None = None
 
     @property
     def in_features(self) -> int:
@@ -269,17 +277,15 @@ class FactorizedLinear(nn.Module):
     def _strategy(self, batch: int, grad: bool, dtype, device_type) -> str:
         if self.implementation != "auto":
             return self.implementation
+        param = next(self.weight.parameters())
+        dtype, device_type = dtype or param.dtype, device_type or param.device.type
+        if torch.compiler.is_compiling():
+            # Planned while tracing (not traced): the choice is a constant of the graph.
+            return _planned_strategy(self.weight, int(batch), grad, dtype, device_type)
         key = (batch, grad, dtype, device_type)
         choice = self._plans.get(key)
         if choice is None:  # planned once per key; later calls are a dict lookup
-            param = next(self.weight.parameters())
-            choice = make_plan(
-                self.weight,
-                batch,
-                training=grad,
-                dtype=dtype or param.dtype,
-                device_type=device_type or param.device.type,
-            ).chosen
+            choice = _planned_strategy(self.weight, batch, grad, dtype, device_type)
             self._plans[key] = choice
         return choice
 
@@ -314,24 +320,29 @@ class FactorizedLinear(nn.Module):
         grad = torch.is_grad_enabled() and self.weight.any_requires_grad()
         x2d = x.reshape(-1, self.in_features)
         strategy = self._strategy(x2d.shape[0], grad, x.dtype, x.device.type)
-        if strategy == "reconstructed":
-            W = self.weight.to_matrix(layer) if grad else self._cached_matrix(layer)
-            y = F.linear(x2d, W, bias)
+        if grad or torch.compiler.is_compiling():
+            operands = self.weight.prepare(strategy, layer)
         else:
-            y = self.weight.apply_strategy(x2d, layer, strategy)
-            if bias is not None:
-                y = y + bias
+            operands = self._cached_operands(strategy, layer)
+        y = self.weight.apply(strategy, x2d, operands, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _cached_matrix(self, layer: int | None) -> Tensor:
-        """The reconstructed weight, reused while no parameter changes (inference only)."""
-        if torch.compiler.is_compiling():
-            return self.weight.to_matrix(layer)
+    def _cached_operands(self, strategy: str, layer: int | None) -> tuple[Tensor, ...]:
+        """The strategy's weight-only operands, reused while no parameter changes.
+
+        Only used without autograd: the cache is keyed on the parameters' version counters
+        (bumped by every in-place update, optimizer steps included) and storage.
+        """
         params = list(self.weight.parameters())
-        key = (layer, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
-        if self._matrix_cache is None or self._matrix_cache[0] != key:
-            self._matrix_cache = (key, self.weight.to_matrix(layer))
-        return self._matrix_cache[1]
+        key = (
+            strategy,
+            layer,
+            tuple(p._version for p in params),
+            tuple(p.data_ptr() for p in params),
+        )
+        if self._operand_cache is None or self._operand_cache[0] != key:
+            self._operand_cache = (key, self.weight.prepare(strategy, layer))
+        return self._operand_cache[1]
 
     # ------------------------------------------------------------------ layers
 

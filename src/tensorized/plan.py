@@ -8,19 +8,20 @@ small machine model turns them into an estimated time, and the planner picks the
 
 Strategies (``FactorizedMatrix.strategies``):
 
-* ``'reconstructed'``: rebuild ``W`` from the factors, then one GEMM. In eval mode without
-  autograd, ``FactorizedLinear`` caches the rebuilt ``W``, so its cost is the GEMM alone.
+* ``'reconstructed'``: rebuild ``W`` from the factors, then one GEMM.
 * ``'factorized'``: contract ``x`` with the factors one at a time: CP through the
   Khatri-Rao products of the in and out factors (two GEMMs), Tucker mode by mode (biggest
   shrink first), TT in-cores then out-cores, TT-matrix core by core, low-rank ``V`` then ``U``.
-* ``'kron'`` (Tucker): project onto the Kronecker product of the in-factors, apply the core
-  as a matrix, expand with the Kronecker product of the out-factors: three GEMMs.
+* ``'kron'`` (Tucker): the Kronecker products of the in- and out-factors, with the core
+  folded into the side of larger rank: two GEMMs through ``min(R_in, R_out)``.
 * ``'halves'`` (TT): multiply out the in-cores and the out-cores into two matrices
   ``(r, in)`` and ``(out, r)``, then two GEMMs, like a low-rank layer of rank ``r``.
 
-Backward costs about twice the forward FLOPs for every strategy (each product needs the
-gradients of both operands), so training and inference rank the strategies alike, except
-that inference can reuse a cached reconstruction.
+Each strategy is split into ``prepare`` (work on the weight alone: Khatri-Rao or Kronecker
+products, multiplied-out halves, the reconstruction) and ``apply`` (work on the input). In
+inference (no autograd) ``FactorizedLinear`` caches the prepared operands until a parameter
+changes, so only ``apply`` is paid per call; in training both are. Backward costs about twice
+the forward FLOPs for every strategy (each product needs the gradients of both operands).
 """
 
 from __future__ import annotations
@@ -168,22 +169,19 @@ def _tucker_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
     return out
 
 
-def _tucker_kron(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+def _tucker_kron(weight: FactorizedMatrix) -> tuple[list[Gemm], int]:
+    """Folding the core into one Kronecker side; returns the GEMMs and the middle rank."""
     m = len(weight.out_modes)
-    r_out, r_in = weight.rank[:m], weight.rank[m:]
-    R_out, R_in = math.prod(r_out), math.prod(r_in)
-    # The Kronecker products are built element-wise (no GEMM).
-    return [
-        (B, weight.in_features, R_in, 1),
-        (B, R_in, R_out, 1),
-        (B, R_out, weight.out_features, 1),
-    ]
+    R_out, R_in = math.prod(weight.rank[:m]), math.prod(weight.rank[m:])
+    if R_in <= R_out:
+        return [(weight.out_features, R_out, R_in, 1)], R_in
+    return [(R_out, R_in, weight.in_features, 1)], R_out
 
 
 def _tt_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
     m = len(weight.out_modes)
     cores = _train_shapes(weight)
-    out, rows = _layer_merge(weight), B * weight.in_features
+    out, rows = [], B * weight.in_features
     for r, i, r_next in reversed(cores[m:]):
         rows //= i
         out.append((rows, i * r_next, r, 1))
@@ -194,16 +192,8 @@ def _tt_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
     return out
 
 
-def _tt_halves(weight: FactorizedMatrix, B: int) -> list[Gemm]:
-    m = len(weight.out_modes)
-    cores = _train_shapes(weight)
-    r_mid = cores[m][0]
-    build = _layer_merge(weight) + _chain(cores[:m]) + _chain(cores[m:])
-    return [*build, (B, weight.in_features, r_mid, 1), (B, r_mid, weight.out_features, 1)]
-
-
 def _ttm_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
-    out, done, rest = _layer_merge(weight), 1, weight.in_features
+    out, done, rest = [], 1, weight.in_features
     for r, o, i, r_next in _train_shapes(weight):
         rest //= i
         out.append((o * r_next, r * i, rest, B * done))
@@ -211,32 +201,48 @@ def _ttm_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
     return out
 
 
-def gemms(weight: FactorizedMatrix, strategy: str, batch: int) -> list[Gemm]:
-    """The matrix products ``(m, k, n, count)`` that ``strategy`` runs for ``batch`` rows."""
+def gemms(weight: FactorizedMatrix, strategy: str, batch: int) -> tuple[list[Gemm], list[Gemm]]:
+    """The matrix products ``(m, k, n, count)`` of ``strategy`` for ``batch`` rows, split
+    into the weight-only ``prepare`` step (cacheable in inference) and the ``apply`` step."""
     name, O, I, B = weight.name, weight.out_features, weight.in_features, batch
-    if strategy == "reconstructed":
-        return [*_reconstruct(weight), (B, I, O, 1)]
-    if strategy == "cached":  # the GEMM alone, with a reconstruction cached across calls
-        return [(B, I, O, 1)]
-    if strategy == "factorized":
-        if name == "dense":
-            return [(B, I, O, 1)]
-        if name in ("lowrank", "cp"):
-            return [(B, I, weight.rank, 1), (B, weight.rank, O, 1)]
-        if name == "tucker":
-            return _tucker_factorized(weight, B)
-        if name == "tt":
-            return _tt_factorized(weight, B)
-        if name == "blocktt":
-            return _ttm_factorized(weight, B)
-    if strategy == "kron" and name == "tucker":
-        return _tucker_kron(weight, B)
-    if strategy == "halves" and name == "tt":
-        return _tt_halves(weight, B)
-    raise ValueError(
-        f"strategy {strategy!r} is not defined for factorization {name!r}; its strategies "
-        f"are {weight.strategies}"
-    )
+    if strategy not in weight.strategies:
+        raise ValueError(
+            f"strategy {strategy!r} is not defined for factorization {name!r}; its strategies "
+            f"are {weight.strategies}"
+        )
+    if strategy == "reconstructed" or name == "dense":
+        return _reconstruct(weight), [(B, I, O, 1)]
+    if strategy == "kron":
+        prepare, mid = _tucker_kron(weight)
+        return prepare, [(B, I, mid, 1), (B, mid, O, 1)]
+    if strategy == "halves":
+        m = len(weight.out_modes)
+        cores = _train_shapes(weight)
+        r = cores[m][0]
+        prepare = _layer_merge(weight) + _chain(cores[:m]) + _chain(cores[m:])
+        return prepare, [(B, I, r, 1), (B, r, O, 1)]
+    if name in ("lowrank", "cp"):
+        return [], [(B, I, weight.rank, 1), (B, weight.rank, O, 1)]
+    if name == "tucker":
+        return [], _tucker_factorized(weight, B)
+    if name == "tt":
+        return _layer_merge(weight), _tt_factorized(weight, B)
+    return _layer_merge(weight), _ttm_factorized(weight, B)
+
+
+def _prepared_numel(weight: FactorizedMatrix, strategy: str) -> int:
+    """Elements written by element-wise work in ``prepare`` (Khatri-Rao, Kronecker, copies)."""
+    name, O, I = weight.name, weight.out_features, weight.in_features
+    if strategy == "reconstructed" or name == "dense":
+        return O * I
+    if name in ("cp", "lowrank"):
+        return (I + O) * weight.rank
+    if strategy == "kron":
+        m = len(weight.out_modes)
+        return I * math.prod(weight.rank[m:]) + O * math.prod(weight.rank[:m])
+    if strategy == "halves":
+        return (I + O) * _train_shapes(weight)[len(weight.out_modes)][0]
+    return sum(c.numel() for c in weight.parameters()) if name == "blocktt" else 0
 
 
 # ------------------------------------------------------------------ planning
@@ -248,14 +254,20 @@ def strategy_cost(
     batch: int,
     dtype: torch.dtype,
     device_type: str,
-    reuse_reconstruction: bool = False,
+    reuse_prepared: bool = False,
 ) -> StrategyCost:
-    """FLOPs, bytes, calls and estimated seconds of one strategy."""
-    key = "cached" if strategy == "reconstructed" and reuse_reconstruction else strategy
-    products = gemms(weight, key, batch)
+    """FLOPs, bytes, calls and estimated seconds of one strategy.
+
+    With ``reuse_prepared`` (inference), the weight-only ``prepare`` step is cached across
+    calls and costs nothing per call.
+    """
+    prepare, apply = gemms(weight, strategy, batch)
+    products = apply if reuse_prepared else prepare + apply
     itemsize = torch.empty((), dtype=dtype).element_size()
     flops = sum(2 * m * k * n * c for m, k, n, c in products)
     moved = sum((m * k + k * n + m * n) * c for m, k, n, c in products) * itemsize
+    if not reuse_prepared:
+        moved += 2 * _prepared_numel(weight, strategy) * itemsize
     machine = MACHINES.get(device_type, MACHINES["cpu"])
     rate = machine.flops_per_s / (2 if dtype == torch.float64 else 1)
     seconds = flops / rate + moved / machine.bytes_per_s + len(products) * machine.call_overhead_s
@@ -285,7 +297,7 @@ def make_plan(
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch!r}")
     costs = {
-        s: strategy_cost(weight, s, batch, dtype, device_type, reuse_reconstruction=not training)
+        s: strategy_cost(weight, s, batch, dtype, device_type, reuse_prepared=not training)
         for s in weight.strategies
     }
     chosen = min(costs.values(), key=lambda c: c.seconds).name

@@ -17,8 +17,9 @@ class FactorizedMatrix(nn.Module):
     """A weight of shape ``([n_layers,] out_features, in_features)`` kept in a low-rank format.
 
     The matrix is viewed as the tensor ``([n_layers,] *out_modes, *in_modes)``. Subclasses
-    hold the factors as ``nn.Parameter`` s and implement :meth:`to_matrix`,
-    :meth:`_contract`, :meth:`_init_factors` and :meth:`_decompose`.
+    hold the factors as ``nn.Parameter`` s and implement ``_to_matrix``, the pair
+    ``_prepare_factorized`` / ``_apply_factorized`` (and a pair per extra strategy),
+    ``_init_factors`` and ``_decompose``.
 
     Args:
         in_modes: modes of the input features, e.g. ``(8, 8, 16)`` for 1024.
@@ -153,16 +154,26 @@ class FactorizedMatrix(nn.Module):
                 f"this weight holds n_layers={self.n_layers} layers; pass layer=i to pick one"
             )
         lead = x.shape[:-1]
-        y = self.apply_strategy(x.reshape(-1, self.in_features), layer, strategy)
+        operands = self.prepare(strategy, layer)
+        y = self.apply(strategy, x.reshape(-1, self.in_features), operands)
         return y.reshape(*lead, self.out_features)
 
-    def apply_strategy(self, x: Tensor, layer: int | None, strategy: str) -> Tensor:
-        """``x (batch, in) -> (batch, out)`` with a validated ``layer`` and ``strategy``."""
-        if strategy == "factorized":
-            return self._contract(x, layer)
+    # Every strategy is split in two: ``prepare`` does the work that depends on the weight
+    # only (so inference can cache it), ``apply`` the work on the input.
+
+    def prepare(self, strategy: str, layer: int | None) -> tuple[Tensor, ...]:
+        """Weight-only operands of ``strategy`` for a validated ``layer``."""
         if strategy == "reconstructed":
-            return F.linear(x, self._to_matrix(layer))
-        return getattr(self, f"_contract_{strategy}")(x, layer)
+            return (self._to_matrix(layer),)
+        return getattr(self, f"_prepare_{strategy}")(layer)
+
+    def apply(
+        self, strategy: str, x: Tensor, operands: tuple[Tensor, ...], bias: Tensor | None = None
+    ) -> Tensor:
+        """``x (batch, in) -> (batch, out)`` (plus ``bias``) from prepared operands."""
+        if strategy == "reconstructed":
+            return F.linear(x, operands[0], bias)
+        return getattr(self, f"_apply_{strategy}")(x, *operands, bias=bias)
 
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:
@@ -278,8 +289,12 @@ class FactorizedMatrix(nn.Module):
         """The ``(out, in)`` matrix of ``layer`` (``None`` when ``n_layers == 1``)."""
         raise NotImplementedError
 
-    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
-        """``(batch, in) -> (batch, out)`` for ``layer`` (``None`` when ``n_layers == 1``)."""
+    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
+        """Weight-only operands of the 'factorized' contraction of ``layer``."""
+        raise NotImplementedError
+
+    def _apply_factorized(self, x: Tensor, *operands: Tensor, bias: Tensor | None) -> Tensor:
+        """``(batch, in) -> (batch, out)``: contract ``x`` with the prepared factors."""
         raise NotImplementedError
 
     def _init_factors(self, std: float) -> None:
@@ -308,3 +323,12 @@ def balanced_std(std: float, n_terms: int, n_factors: int) -> float:
     """Per-factor std so that a sum of ``n_terms`` products of ``n_factors`` iid normal
     entries has standard deviation ``std``: ``var = n_terms * prod(sigma_k^2)``."""
     return (std**2 / max(n_terms, 1)) ** (1.0 / (2 * n_factors))
+
+
+def two_gemms(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(x @ a) @ b.T + bias``: the apply step of every rank-``r`` factor pair."""
+    return F.linear(x @ a, b, bias)
+
+
+def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    return y if bias is None else y + bias

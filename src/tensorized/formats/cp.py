@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import decompose
 from .._ops import khatri_rao
-from .base import FactorizedMatrix, balanced_std
+from .base import FactorizedMatrix, balanced_std, two_gemms
 
 
 class CPMatrix(FactorizedMatrix):
@@ -44,9 +44,13 @@ class CPMatrix(FactorizedMatrix):
         scale, outs, ins = self._split(layer)
         return (khatri_rao(outs) * scale) @ khatri_rao(ins).T
 
-    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
+    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
+        # The Khatri-Rao products of the in- and out-factors: (in, R) and (out, R).
         scale, outs, ins = self._split(layer)
-        return ((x @ khatri_rao(ins)) * scale) @ khatri_rao(outs).T
+        return khatri_rao(ins) * scale, khatri_rao(outs)
+
+    def _apply_factorized(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+        return two_gemms(x, a, b, bias)
 
     def _init_factors(self, std: float) -> None:
         nn.init.ones_(self.weights)

@@ -25,8 +25,11 @@ class DenseMatrix(FactorizedMatrix):
     def _to_matrix(self, layer: int | None) -> Tensor:
         return self.weight if layer is None else self.weight[layer]
 
-    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
-        return F.linear(x, self._to_matrix(layer))
+    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
+        return (self._to_matrix(layer),)
+
+    def _apply_factorized(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
     def _init_factors(self, std: float) -> None:
         nn.init.normal_(self.weight, 0.0, std)

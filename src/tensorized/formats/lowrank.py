@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
-from .base import FactorizedMatrix, balanced_std
+from .base import FactorizedMatrix, balanced_std, two_gemms
 
 
 class LowRankMatrix(FactorizedMatrix):
@@ -29,9 +29,12 @@ class LowRankMatrix(FactorizedMatrix):
         i = 0 if layer is None else layer
         return (self.U[i] * self.s[i]) @ self.V[i].T
 
-    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
+    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
         i = 0 if layer is None else layer
-        return ((x @ self.V[i]) * self.s[i]) @ self.U[i].T
+        return self.V[i] * self.s[i], self.U[i]
+
+    def _apply_factorized(self, x: Tensor, vs: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
+        return two_gemms(x, vs, u, bias)
 
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, self.rank, 2)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import decompose
 from ..ranks import train_modes
-from .base import FactorizedMatrix, balanced_std
+from .base import FactorizedMatrix, add_bias, balanced_std, two_gemms
 
 
 class TrainMatrix(FactorizedMatrix):
@@ -81,8 +81,10 @@ class TTMatrix(TrainMatrix):
     def _to_matrix(self, layer: int | None) -> Tensor:
         return self._chain(layer).reshape(self.out_features, self.in_features)
 
-    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
-        cores = self._layer_cores(layer)
+    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
+        return tuple(self._layer_cores(layer))
+
+    def _apply_factorized(self, x: Tensor, *cores: Tensor, bias: Tensor | None) -> Tensor:
         m = len(self.out_modes)
         t = x
         for c in reversed(cores[m:]):  # absorb the in modes, last first: -> (batch, r_m)
@@ -91,14 +93,18 @@ class TTMatrix(TrainMatrix):
         for c in reversed(cores[:m]):  # expand the out modes, last first
             t = c.reshape(-1, c.shape[-1]) @ t  # (batch, r_{k-1} * o_k, rest)
             t = t.reshape(x.shape[0], c.shape[0], -1)
-        return t.reshape(x.shape[0], self.out_features)
+        return add_bias(t.reshape(x.shape[0], self.out_features), bias)
 
-    def _contract_halves(self, x: Tensor, layer: int | None) -> Tensor:
+    def _prepare_halves(self, layer: int | None) -> tuple[Tensor, ...]:
+        # Multiply out each half of the train: (in, r_m) and (out, r_m).
         cores = self._layer_cores(layer)
         m = len(self.out_modes)
-        out_half = _product(cores[:m]).reshape(self.out_features, -1)  # (out, r_m)
-        in_half = _product(cores[m:]).reshape(-1, self.in_features)  # (r_m, in)
-        return (x @ in_half.T) @ out_half.T
+        out_half = _product(cores[:m]).reshape(self.out_features, -1)
+        in_half = _product(cores[m:]).reshape(-1, self.in_features)
+        return in_half.T, out_half
+
+    def _apply_halves(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+        return two_gemms(x, a, b, bias)
 
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         cores = decompose.tensor_train(tensor, self.rank, **kwargs)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
+from .base import add_bias
 from .tt import TrainMatrix
 
 
@@ -35,16 +36,21 @@ class TTMMatrix(TrainMatrix):
         t = self._chain(layer).reshape(pairs).permute(perm)
         return t.reshape(self.out_features, self.in_features)
 
-    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
-        # Sweep the cores left to right; t is laid out as (batch, out_<k, r_{k-1}, in_k, in_>k).
+    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
+        # Each core (r, o, i, r') as the matrix (o * r', r * i) that the sweep multiplies by.
+        return tuple(
+            c.permute(1, 3, 0, 2).reshape(c.shape[1] * c.shape[3], c.shape[0] * c.shape[2])
+            for c in self._layer_cores(layer)
+        )
+
+    def _apply_factorized(self, x: Tensor, *mats: Tensor, bias: Tensor | None) -> Tensor:
+        # Sweep left to right; t is laid out as (batch, out_<k, r_{k-1}, in_k, in_>k).
         t = x
         rest = self.in_features
-        for c in self._layer_cores(layer):
-            r, o, i, r_next = c.shape
+        for mat, i in zip(mats, self.in_modes):
             rest //= i
-            t = t.reshape(-1, r * i, rest)
-            t = c.permute(1, 3, 0, 2).reshape(o * r_next, r * i) @ t
-        return t.reshape(x.shape[0], self.out_features)
+            t = mat @ t.reshape(-1, mat.shape[1], rest)
+        return add_bias(t.reshape(x.shape[0], self.out_features), bias)
 
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         cores = decompose.tensor_train_matrix(tensor, len(self.out_modes), self.rank, **kwargs)

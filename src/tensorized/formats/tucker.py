@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import decompose
 from .._ops import mode_dot
-from .base import FactorizedMatrix, balanced_std
+from .base import FactorizedMatrix, add_bias, balanced_std, two_gemms
 
 
 class TuckerMatrix(FactorizedMatrix):
@@ -51,23 +51,34 @@ class TuckerMatrix(FactorizedMatrix):
         """Out modes in expansion order: the smallest growth (size / rank) first."""
         return sorted(range(len(self.out_modes)), key=lambda k: self.out_modes[k] / self.rank[k])
 
-    def _contract(self, x: Tensor, layer: int | None) -> Tensor:
+    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
+        m = len(self.out_modes)
+        core = self._core(layer).reshape(math.prod(self.rank[:m]), -1)
+        return (core, *self.factors)
+
+    def _apply_factorized(self, x: Tensor, core: Tensor, *factors: Tensor, bias=None) -> Tensor:
         m = len(self.out_modes)
         t = x.reshape(-1, *self.in_modes)
         for k in self.in_order:  # project onto the in-factors
-            t = mode_dot(t, self.factors[m + k].T, k + 1)
-        core = self._core(layer).reshape(math.prod(self.rank[:m]), -1)
+            t = mode_dot(t, factors[m + k].T, k + 1)
         t = (t.reshape(t.shape[0], -1) @ core.T).reshape(-1, *self.rank[:m])
         for k in self.out_order:  # expand with the out-factors
-            t = mode_dot(t, self.factors[k], k + 1)
-        return t.reshape(-1, self.out_features)
+            t = mode_dot(t, factors[k], k + 1)
+        return add_bias(t.reshape(-1, self.out_features), bias)
 
-    def _contract_kron(self, x: Tensor, layer: int | None) -> Tensor:
+    def _prepare_kron(self, layer: int | None) -> tuple[Tensor, ...]:
+        # Kronecker products of the factors, (in, R_in) and (out, R_out); the core is folded
+        # into the side with the larger rank so that the apply step is two GEMMs through
+        # min(R_in, R_out).
         m = len(self.out_modes)
-        k_in = _kron(list(self.factors[m:]))  # (in_features, prod in-ranks)
-        k_out = _kron(list(self.factors[:m]))  # (out_features, prod out-ranks)
+        k_in, k_out = _kron(list(self.factors[m:])), _kron(list(self.factors[:m]))
         core = self._core(layer).reshape(k_out.shape[1], k_in.shape[1])
-        return ((x @ k_in) @ core.T) @ k_out.T
+        if k_in.shape[1] <= k_out.shape[1]:
+            return k_in, k_out @ core
+        return (core @ k_in.T).T, k_out
+
+    def _apply_kron(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+        return two_gemms(x, a, b, bias)
 
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, math.prod(self.rank), 1 + len(self.factors))
