@@ -23,6 +23,18 @@ from tensorized.formats import FORMATS
 from tensorized.shapes import tensorize_shape
 
 FORMAT_NAMES = ["lowrank", "tucker", "tt", "blocktt", "cp"]
+NOTES = """
+Notes:
+- "low-rank" is a planted rank-n/20 matrix (rank 51 at 1024, 204 at 4096) in float32: the
+  `lowrank` format recovers it to float32 round-off (1e-7; the "err ratio" of two round-off
+  errors means nothing there), while tensor formats see it only through their tensorization.
+- "refused": a CP rank of 8066 (1024 x 1024 at 0.5) or 25811 (4096 x 4096 at 0.1) would cost
+  about 1e12 FLOPs or more per ALS iteration (the R x R solves grow as R^3); `cp_als` raises a
+  ValueError that says so instead of running for hours (`max_iter_flops=None` runs anyway).
+  The last two rows are the issue's CP case: rank 1000 on 4096 x 4096, 100 iterations.
+- TensorLy's CP (`parafac`, SVD init, 100 iterations) did not finish within the 60 s limit on
+  any matrix here.
+"""
 
 
 def matrices(n: int) -> dict[str, torch.Tensor]:
@@ -132,6 +144,7 @@ def main() -> None:
         + "\n"
         + "\n".join(rows)
         + "\n"
+        + NOTES
     )
     Path(args.out).write_text(text)
 
