@@ -272,16 +272,17 @@ class FactorizedLinear(nn.Module):
 
     def implementation_for(self, batch: int) -> str:
         """The strategy ``forward`` uses for ``batch`` rows in the current mode."""
-        return self._strategy(batch, self.training and torch.is_grad_enabled(), None, None)
+        param = next(self.weight.parameters())
+        grad = self.training and torch.is_grad_enabled()
+        return self._strategy(batch, grad, param.dtype, param.device.type)
 
     def _strategy(self, batch: int, grad: bool, dtype, device_type) -> str:
         if self.implementation != "auto":
             return self.implementation
-        param = next(self.weight.parameters())
-        dtype, device_type = dtype or param.dtype, device_type or param.device.type
         if torch.compiler.is_compiling():
-            # Planned while tracing (not traced): the choice is a constant of the graph.
-            return _planned_strategy(self.weight, int(batch), grad, dtype, device_type)
+            # Planned while tracing (not traced): the choice is a constant of the graph. A
+            # compiled graph cannot keep the eager cache, so plan as if nothing is reused.
+            return _planned_strategy(self.weight, int(batch), True, dtype, device_type)
         key = (batch, grad, dtype, device_type)
         choice = self._plans.get(key)
         if choice is None:  # planned once per key; later calls are a dict lookup
@@ -314,32 +315,28 @@ class FactorizedLinear(nn.Module):
         return self._forward(x, layer)
 
     def _forward(self, x: Tensor, layer: int | None) -> Tensor:
-        bias = None
-        if self.bias is not None:
-            bias = self.bias if layer is None else self.bias[layer]
-        grad = torch.is_grad_enabled() and self.weight.any_requires_grad()
-        x2d = x.reshape(-1, self.in_features)
+        bias = self.bias
+        if bias is not None and layer is not None:
+            bias = bias[layer]
+        weight = self.weight
+        grad = torch.is_grad_enabled() and weight.any_requires_grad()
+        x2d = x if x.ndim == 2 else x.reshape(-1, weight.in_features)
         strategy = self._strategy(x2d.shape[0], grad, x.dtype, x.device.type)
         if grad or torch.compiler.is_compiling():
-            operands = self.weight.prepare(strategy, layer)
+            operands = weight.prepare(strategy, layer)
         else:
             operands = self._cached_operands(strategy, layer)
-        y = self.weight.apply(strategy, x2d, operands, bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = weight.apply(strategy, x2d, operands, bias)
+        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], weight.out_features)
 
     def _cached_operands(self, strategy: str, layer: int | None) -> tuple[Tensor, ...]:
         """The strategy's weight-only operands, reused while no parameter changes.
 
-        Only used without autograd: the cache is keyed on the parameters' version counters
-        (bumped by every in-place update, optimizer steps included) and storage.
+        Only used without autograd: the cache is keyed on the parameters' identity, storage
+        and version counters (bumped by every in-place update, optimizer steps included).
         """
-        params = list(self.weight.parameters())
-        key = (
-            strategy,
-            layer,
-            tuple(p._version for p in params),
-            tuple(p.data_ptr() for p in params),
-        )
+        versions = tuple((id(p), p.data_ptr(), p._version) for p in self.weight.parameters())
+        key = (strategy, layer, versions)
         if self._operand_cache is None or self._operand_cache[0] != key:
             self._operand_cache = (key, self.weight.prepare(strategy, layer))
         return self._operand_cache[1]

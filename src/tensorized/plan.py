@@ -16,6 +16,9 @@ Strategies (``FactorizedMatrix.strategies``):
   folded into the side of larger rank: two GEMMs through ``min(R_in, R_out)``.
 * ``'halves'`` (TT): multiply out the in-cores and the out-cores into two matrices
   ``(r, in)`` and ``(out, r)``, then two GEMMs, like a low-rank layer of rank ``r``.
+* ``'sequential'`` (CP): mode by mode without Khatri-Rao products: one GEMM on the last in
+  mode, element-wise folds of the others, the mirror image on the out side; cheap when
+  ``batch * R`` is small.
 
 Each strategy is split into ``prepare`` (work on the weight alone: Khatri-Rao or Kronecker
 products, multiplied-out halves, the reconstruction) and ``apply`` (work on the input). In
@@ -49,7 +52,7 @@ class Machine:
 
 
 MACHINES: dict[str, Machine] = {
-    "cpu": Machine(flops_per_s=60e9, bytes_per_s=8e9, call_overhead_s=4e-6),
+    "cpu": Machine(flops_per_s=60e9, bytes_per_s=8e9, call_overhead_s=10e-6),
     "cuda": Machine(flops_per_s=40e12, bytes_per_s=1.5e12, call_overhead_s=8e-6),
 }
 
@@ -221,6 +224,9 @@ def gemms(weight: FactorizedMatrix, strategy: str, batch: int) -> tuple[list[Gem
         r = cores[m][0]
         prepare = _layer_merge(weight) + _chain(cores[:m]) + _chain(cores[m:])
         return prepare, [(B, I, r, 1), (B, r, O, 1)]
+    if strategy == "sequential":  # CP mode by mode
+        R, i_last, o_last = weight.rank, weight.in_modes[-1], weight.out_modes[-1]
+        return [], [(B * I // i_last, i_last, R, 1), (B * O // o_last, R, o_last, 1)]
     if name in ("lowrank", "cp"):
         return [], [(B, I, weight.rank, 1), (B, weight.rank, O, 1)]
     if name == "tucker":
@@ -228,6 +234,18 @@ def gemms(weight: FactorizedMatrix, strategy: str, batch: int) -> tuple[list[Gem
     if name == "tt":
         return _layer_merge(weight), _tt_factorized(weight, B)
     return _layer_merge(weight), _ttm_factorized(weight, B)
+
+
+def _apply_numel(weight: FactorizedMatrix, strategy: str, batch: int) -> int:
+    """Elements written by element-wise work in ``apply`` (CP's sequential folds)."""
+    if strategy != "sequential":
+        return 0
+    total, ins, outs = 0, weight.in_modes, weight.out_modes
+    for k in range(len(ins) - 1):  # a product of B * prod(ins[:k+1]) * R, then its sum
+        total += batch * weight.rank * (math.prod(ins[: k + 1]) + math.prod(ins[:k]))
+    for k in range(len(outs) - 1):
+        total += batch * weight.rank * math.prod(outs[: k + 1])
+    return total
 
 
 def _prepared_numel(weight: FactorizedMatrix, strategy: str) -> int:
@@ -266,6 +284,7 @@ def strategy_cost(
     itemsize = torch.empty((), dtype=dtype).element_size()
     flops = sum(2 * m * k * n * c for m, k, n, c in products)
     moved = sum((m * k + k * n + m * n) * c for m, k, n, c in products) * itemsize
+    moved += _apply_numel(weight, strategy, batch) * itemsize
     if not reuse_prepared:
         moved += 2 * _prepared_numel(weight, strategy) * itemsize
     machine = MACHINES.get(device_type, MACHINES["cpu"])

@@ -49,6 +49,8 @@ class FactorizedMatrix(nn.Module):
         super().__init__()
         self.in_modes = validate_modes(in_modes, None, "in_modes")
         self.out_modes = validate_modes(out_modes, None, "out_modes")
+        self.in_features = math.prod(self.in_modes)
+        self.out_features = math.prod(self.out_modes)
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         self.n_layers = n_layers
@@ -60,14 +62,6 @@ class FactorizedMatrix(nn.Module):
         self.reset_parameters()
 
     # ---------------------------------------------------------------- sizes
-
-    @property
-    def in_features(self) -> int:
-        return math.prod(self.in_modes)
-
-    @property
-    def out_features(self) -> int:
-        return math.prod(self.out_modes)
 
     @property
     def num_params(self) -> int:

@@ -10,16 +10,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .. import decompose
 from .._ops import khatri_rao
-from .base import FactorizedMatrix, balanced_std, two_gemms
+from .base import FactorizedMatrix, add_bias, balanced_std, two_gemms
 
 
 class CPMatrix(FactorizedMatrix):
     """``weights (R,)`` and ``factors``: ``[layer (L, R)]``, out ``(o_k, R)``, in ``(i_k, R)``."""
 
     name = "cp"
+    strategies = ("factorized", "reconstructed", "sequential")
 
     def _build(self, factory: dict) -> None:
         R = self.rank
@@ -51,6 +53,24 @@ class CPMatrix(FactorizedMatrix):
 
     def _apply_factorized(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
         return two_gemms(x, a, b, bias)
+
+    def _prepare_sequential(self, layer: int | None) -> tuple[Tensor, ...]:
+        scale, outs, ins = self._split(layer)
+        return (scale, *ins, *outs)
+
+    def _apply_sequential(self, x: Tensor, scale: Tensor, *factors: Tensor, bias=None) -> Tensor:
+        # Mode by mode, never forming a Khatri-Rao product: one GEMM on the last in mode,
+        # element-wise folds of the other in modes, then the mirror image on the out side.
+        # Cheap when batch * R is small (e.g. training at batch 1), costly otherwise.
+        n, R, B = len(self.in_modes), self.rank, x.shape[0]
+        ins, outs = factors[:n], factors[n:]
+        t = (x.reshape(-1, self.in_modes[-1]) @ ins[-1]).reshape(B, -1, R)
+        for k in reversed(range(n - 1)):
+            t = (t.reshape(B, -1, self.in_modes[k], R) * ins[k]).sum(2)
+        u = (t.reshape(B, R) * scale).reshape(B, 1, R)
+        for f in outs[:-1]:
+            u = (u.unsqueeze(2) * f).reshape(B, -1, R)
+        return add_bias(F.linear(u.reshape(-1, R), outs[-1]).reshape(B, -1), bias)
 
     def _init_factors(self, std: float) -> None:
         nn.init.ones_(self.weights)
