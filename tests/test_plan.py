@@ -1,8 +1,6 @@
 """The planner: FLOP counts match the code (FlopCounterMode as the oracle), the choice is the
 cheapest, every strategy equals the dense oracle, and plans are cached."""
 
-import math
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -141,9 +139,3 @@ def test_unknown_strategy_errors():
         w.contract(torch.randn(2, 16), strategy="halves")
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
         make_plan(w, 0, training=False, dtype=torch.float32, device_type="cpu")
-
-
-def test_tucker_projects_biggest_shrink_first():
-    w = FORMATS["tucker"]((8, 8, 8), (2, 2, 2), (2, 2, 2, 8, 1, 4))
-    assert w.in_order == [1, 2, 0]
-    assert math.prod(w.rank) > 0

@@ -52,7 +52,7 @@ class Machine:
 
 
 MACHINES: dict[str, Machine] = {
-    "cpu": Machine(flops_per_s=60e9, bytes_per_s=8e9, call_overhead_s=10e-6),
+    "cpu": Machine(flops_per_s=120e9, bytes_per_s=20e9, call_overhead_s=15e-6),
     "cuda": Machine(flops_per_s=40e12, bytes_per_s=1.5e12, call_overhead_s=8e-6),
 }
 
@@ -158,17 +158,18 @@ def _reconstruct(weight: FactorizedMatrix) -> list[Gemm]:
 
 
 def _tucker_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+    """Mode by mode on the last axis, last mode first (``TuckerMatrix._apply_factorized``)."""
     m = len(weight.out_modes)
     r_out, r_in = weight.rank[:m], weight.rank[m:]
-    out, dims = [], list(weight.in_modes)
-    for k in weight.in_order:
-        out.append((B * math.prod(dims) // dims[k], dims[k], r_in[k], 1))
-        dims[k] = r_in[k]
-    out.append((B, math.prod(r_in), math.prod(r_out), 1))
-    dims = list(r_out)
-    for k in weight.out_order:
-        out.append((B * math.prod(dims) // dims[k], dims[k], weight.out_modes[k], 1))
-        dims[k] = weight.out_modes[k]
+    out = []
+    for sizes, ranks in ((weight.in_modes, r_in), (r_out, weight.out_modes)):
+        done = 1  # product of the sizes already replaced
+        for k in reversed(range(len(sizes))):
+            rows = B * math.prod(sizes[:k]) * done
+            out.append((rows, sizes[k], ranks[k], 1))
+            done *= ranks[k]
+        if sizes is weight.in_modes:
+            out.append((B, math.prod(r_in), math.prod(r_out), 1))
     return out
 
 

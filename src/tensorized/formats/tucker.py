@@ -40,31 +40,23 @@ class TuckerMatrix(FactorizedMatrix):
             t = mode_dot(t, f, k)
         return t.reshape(self.out_features, self.in_features)
 
-    @property
-    def in_order(self) -> list[int]:
-        """In modes in projection order: the biggest shrink (rank / size) first."""
-        m = len(self.out_modes)
-        return sorted(range(len(self.in_modes)), key=lambda k: self.rank[m + k] / self.in_modes[k])
-
-    @property
-    def out_order(self) -> list[int]:
-        """Out modes in expansion order: the smallest growth (size / rank) first."""
-        return sorted(range(len(self.out_modes)), key=lambda k: self.out_modes[k] / self.rank[k])
-
     def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
         m = len(self.out_modes)
         core = self._core(layer).reshape(math.prod(self.rank[:m]), -1)
         return (core, *self.factors)
 
     def _apply_factorized(self, x: Tensor, core: Tensor, *factors: Tensor, bias=None) -> Tensor:
-        m = len(self.out_modes)
-        t = x.reshape(-1, *self.in_modes)
-        for k in self.in_order:  # project onto the in-factors
-            t = mode_dot(t, factors[m + k].T, k + 1)
-        t = (t.reshape(t.shape[0], -1) @ core.T).reshape(-1, *self.rank[:m])
-        for k in self.out_order:  # expand with the out-factors
-            t = mode_dot(t, factors[k], k + 1)
-        return add_bias(t.reshape(-1, self.out_features), bias)
+        # Mode by mode, always on the last axis so each step is one plain GEMM; the new axis
+        # is then rotated to the front (after the batch), which after all modes restores the
+        # original order.
+        m, batch = len(self.out_modes), x.shape[0]
+        t = x.reshape(batch, *self.in_modes)
+        for f in reversed(factors[m:]):  # project onto the in-factors: i_k -> r_k
+            t = _last_axis_product(t, f).movedim(-1, 1)
+        t = (t.reshape(batch, -1) @ core.T).reshape(batch, *self.rank[:m])
+        for f in reversed(factors[:m]):  # expand with the out-factors: r_k -> o_k
+            t = _last_axis_product(t, f.T).movedim(-1, 1)
+        return add_bias(t.reshape(batch, self.out_features), bias)
 
     def _prepare_kron(self, layer: int | None) -> tuple[Tensor, ...]:
         # Kronecker products of the factors, (in, R_in) and (out, R_out); the core is folded
@@ -118,3 +110,8 @@ def _kron(factors: list[Tensor]) -> Tensor:
             out.shape[0] * f.shape[0], out.shape[1] * f.shape[1]
         )
     return out
+
+
+def _last_axis_product(t: Tensor, matrix: Tensor) -> Tensor:
+    """``t (..., n) @ matrix (n, r) -> (..., r)`` as one GEMM."""
+    return (t.reshape(-1, t.shape[-1]) @ matrix).reshape(*t.shape[:-1], matrix.shape[1])
