@@ -62,6 +62,8 @@ MIN_SAMPLES = 3
 BLOCK_S = 1e-3  # calls faster than this are timed in blocks of several
 REWARM_S = 1e-3  # calls faster than this get an untimed call before each block (warm caches)
 SLOW_S = 2.0  # a call slower than this (in practice tltorch's) is timed once
+TLTORCH_CP_RANK_LIMIT = 4096  # tltorch's CP at rank ~16k ran this 24 GB machine out of memory
+MAX_FIXED_BYTES = 4e9  # fixed strategies whose plan moves more than this are not run
 
 Step = Callable[[], object]
 
@@ -314,8 +316,18 @@ def measure_point(
     in_f, out_f = row.shape
     x = torch.randn(row.batch, in_f, device=cfg.device)
     linear = nn.Linear(in_f, out_f, device=cfg.device)
+    plan = ours["auto"].plan(row.batch, training=row.train)
+    # A fixed strategy far off the plan can need tens of GB (e.g. CP 'sequential' at a huge
+    # rank and batch 512): those are reported, not run.
+    too_big = {
+        n: Timing(None, 0, f"not run: moves {plan.costs[n].bytes_moved / 1e9:.0f} GB")
+        for n in ours
+        if n != "auto" and plan.costs[n].bytes_moved > MAX_FIXED_BYTES
+    }
     steps = {"linear": make_step(linear, x, row.train)}
-    steps.update({f"ours:{n}": make_step(m, x, row.train) for n, m in ours.items()})
+    steps.update(
+        {f"ours:{n}": make_step(m, x, row.train) for n, m in ours.items() if n not in too_big}
+    )
     failed_tl = {n: Timing(None, 0, m) for n, m in tl.items() if isinstance(m, str)}
     steps.update(
         {f"tl:{n}": make_step(m, x, row.train) for n, m in tl.items() if not isinstance(m, str)}
@@ -323,9 +335,8 @@ def measure_point(
     timings = time_interleaved(steps, cfg.budget_s, synchronizer(cfg.device))
     row.linear = timings["linear"]
     row.auto = timings["ours:auto"]
-    row.fixed = {n: timings[f"ours:{n}"] for n in ours if n != "auto"}
+    row.fixed = {n: too_big.get(n) or timings[f"ours:{n}"] for n in ours if n != "auto"}
     row.tl = {n: failed_tl.get(n) or timings[f"tl:{n}"] for n in tl}
-    plan = ours["auto"].plan(row.batch, training=row.train)
     cost = plan.costs[plan.chosen]
     row.chosen = plan.chosen
     row.plan_fwd_flops = cost.forward_flops
@@ -349,7 +360,12 @@ def run_grid(cfg: Config) -> Iterator[Row]:
                     done += 1
                     yield Row(shape, fmt, ratio, skipped=first_line(exc))
                     continue
-                tl = build_tltorch(shape, fmt, ratio, cfg.device)
+                rank = ours["auto"].rank
+                if fmt == "cp" and rank > TLTORCH_CP_RANK_LIMIT:
+                    reason = f"not run: CP rank {rank} (a run at this size was killed for memory)"
+                    tl = dict.fromkeys(TLTORCH_IMPLS, reason)
+                else:
+                    tl = build_tltorch(shape, fmt, ratio, cfg.device)
                 for batch in cfg.batches:
                     for mode in MODES:
                         if cfg.limit is not None and done >= cfg.limit:
@@ -670,14 +686,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     start = time.perf_counter()
     machine = machine_lines(device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # torch.compile first (short), then the grid; the report is rewritten after every row so
+    # that an interrupted run still leaves the rows measured so far.
+    compile_rows = None if args.no_compile else run_compile(cfg)
     rows = []
     for row in run_grid(cfg):
         rows.append(row)
         print(f"[{time.perf_counter() - start:6.1f}s] {row.label}", file=sys.stderr, flush=True)
-    compile_rows = None if args.no_compile else run_compile(cfg)
+        args.out.write_text(report(rows, compile_rows, machine, time.perf_counter() - start))
     text = report(rows, compile_rows, machine, time.perf_counter() - start)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"wrote {args.out}", file=sys.stderr)
 
