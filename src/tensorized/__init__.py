@@ -2,13 +2,16 @@
 
 from .formats import FactorizedMatrix, get_format
 from .linear import FactorizedLinear, LinearView
-from .ranks import param_count, resolve_rank
+from .plan import Plan
+from .ranks import RankBudgetWarning, param_count, resolve_rank
 from .shapes import tensorize_shape
 
 __all__ = [
     "FactorizedLinear",
     "FactorizedMatrix",
     "LinearView",
+    "Plan",
+    "RankBudgetWarning",
     "get_format",
     "param_count",
     "resolve_rank",
