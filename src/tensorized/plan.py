@@ -4,7 +4,8 @@ Every strategy of every format is described by the list of matrix products its c
 (:func:`gemms`), mirroring that code exactly (the tests check the FLOPs against
 ``torch.utils.flop_counter.FlopCounterMode``). From that list come its FLOPs (2 per
 multiply-add), its memory traffic (operands read, results written) and its kernel calls; a
-small machine model turns them into an estimated time, and the planner picks the fastest.
+small machine model (a roofline per product plus a per-call overhead) turns them into an
+estimated time, and the planner picks the fastest.
 
 Strategies (``FactorizedMatrix.strategies``):
 
@@ -38,7 +39,7 @@ from .formats.base import FactorizedMatrix
 
 __all__ = ["MACHINES", "Plan", "StrategyCost", "gemms", "make_plan"]
 
-# (m, k, n, count): ``count`` products of an (m, k) by a (k, n) matrix.
+# (m, k, n, count): ``count`` products of one (m, k) matrix by a (k, n) matrix each.
 Gemm = tuple[int, int, int, int]
 
 
@@ -283,14 +284,24 @@ def strategy_cost(
     prepare, apply = gemms(weight, strategy, batch)
     products = apply if reuse_prepared else prepare + apply
     itemsize = torch.empty((), dtype=dtype).element_size()
-    flops = sum(2 * m * k * n * c for m, k, n, c in products)
-    moved = sum((m * k + k * n + m * n) * c for m, k, n, c in products) * itemsize
-    moved += _apply_numel(weight, strategy, batch) * itemsize
-    if not reuse_prepared:
-        moved += 2 * _prepared_numel(weight, strategy) * itemsize
     machine = MACHINES.get(device_type, MACHINES["cpu"])
     rate = machine.flops_per_s / (2 if dtype == torch.float64 else 1)
-    seconds = flops / rate + moved / machine.bytes_per_s + len(products) * machine.call_overhead_s
+    flops = moved = 0
+    seconds = len(products) * machine.call_overhead_s
+    for m, k, n, c in products:
+        # Roofline per product: bound by arithmetic or by its operands' traffic. With c > 1
+        # the (m, k) operand is one matrix broadcast over the batch, read once.
+        product_flops = 2 * m * k * n * c
+        product_bytes = (m * k + (k * n + m * n) * c) * itemsize
+        flops, moved = flops + product_flops, moved + product_bytes
+        seconds += max(product_flops / rate, product_bytes / machine.bytes_per_s)
+    elementwise = _apply_numel(weight, strategy, batch)
+    if strategy == "sequential":  # the folds are element-wise kernels: a multiply and a sum
+        seconds += (2 * len(weight.in_modes) + len(weight.out_modes)) * machine.call_overhead_s
+    if not reuse_prepared:
+        elementwise += 2 * _prepared_numel(weight, strategy)
+    moved += elementwise * itemsize
+    seconds += elementwise * itemsize / machine.bytes_per_s
     return StrategyCost(strategy, flops, 2 * flops, moved, len(products), seconds)
 
 
