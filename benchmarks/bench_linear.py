@@ -660,6 +660,16 @@ def report(
 # ------------------------------------------------------------------ entry point
 
 
+def parse_shapes(text: str | None) -> list[tuple[int, int]]:
+    """``'1024x1024,768x3072'`` -> ``[(1024, 1024), (768, 3072)]``; None: the full grid."""
+    if text is None:
+        return FULL_SHAPES
+    try:
+        return [tuple(int(v) for v in item.split("x", 1)) for item in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--shapes must look like 1024x1024,768x3072, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1024x1024, ratio 0.1, short budgets")
@@ -667,6 +677,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile table")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated INxOUT shapes of the full grid, e.g. 1024x1024,768x3072",
+    )
     p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # smoke runs
     return p.parse_args(argv)
 
@@ -677,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = Config(
-        shapes=[(1024, 1024)] if args.quick else FULL_SHAPES,
+        shapes=[(1024, 1024)] if args.quick else parse_shapes(args.shapes),
         ratios=[0.1] if args.quick else FULL_RATIOS,
         batches=BATCHES,
         budget_s=0.1 if args.quick else 0.3,
