@@ -50,11 +50,12 @@ class Machine:
     flops_per_s: float
     bytes_per_s: float
     call_overhead_s: float
+    elementwise_bytes_per_s: float  # broadcast element-wise kernels (and their backward)
 
 
 MACHINES: dict[str, Machine] = {
-    "cpu": Machine(flops_per_s=120e9, bytes_per_s=20e9, call_overhead_s=15e-6),
-    "cuda": Machine(flops_per_s=40e12, bytes_per_s=1.5e12, call_overhead_s=8e-6),
+    "cpu": Machine(120e9, 20e9, 15e-6, elementwise_bytes_per_s=6e9),
+    "cuda": Machine(40e12, 1.5e12, 8e-6, elementwise_bytes_per_s=1e12),
 }
 
 
@@ -255,6 +256,8 @@ def _prepared_numel(weight: FactorizedMatrix, strategy: str) -> int:
     name, O, I = weight.name, weight.out_features, weight.in_features
     if strategy == "reconstructed" or name == "dense":
         return O * I
+    if strategy == "sequential":  # hands the factors over as they are
+        return 0
     if name in ("cp", "lowrank"):
         return (I + O) * weight.rank
     if strategy == "kron":
@@ -275,6 +278,7 @@ def strategy_cost(
     dtype: torch.dtype,
     device_type: str,
     reuse_prepared: bool = False,
+    training: bool = False,
 ) -> StrategyCost:
     """FLOPs, bytes, calls and estimated seconds of one strategy.
 
@@ -295,13 +299,15 @@ def strategy_cost(
         product_bytes = (m * k + (k * n + m * n) * c) * itemsize
         flops, moved = flops + product_flops, moved + product_bytes
         seconds += max(product_flops / rate, product_bytes / machine.bytes_per_s)
-    elementwise = _apply_numel(weight, strategy, batch)
+    # Element-wise work is backed by reductions over its broadcast dims in backward, which
+    # costs about twice its forward again.
+    elementwise = _apply_numel(weight, strategy, batch) * (3 if training else 1)
     if strategy == "sequential":  # the folds are element-wise kernels: a multiply and a sum
         seconds += (2 * len(weight.in_modes) + len(weight.out_modes)) * machine.call_overhead_s
     if not reuse_prepared:
-        elementwise += 2 * _prepared_numel(weight, strategy)
+        elementwise += 2 * _prepared_numel(weight, strategy) * (3 if training else 1)
     moved += elementwise * itemsize
-    seconds += elementwise * itemsize / machine.bytes_per_s
+    seconds += elementwise * itemsize / machine.elementwise_bytes_per_s
     return StrategyCost(strategy, flops, 2 * flops, moved, len(products), seconds)
 
 
@@ -328,7 +334,9 @@ def make_plan(
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch!r}")
     costs = {
-        s: strategy_cost(weight, s, batch, dtype, device_type, reuse_prepared=not training)
+        s: strategy_cost(
+            weight, s, batch, dtype, device_type, reuse_prepared=not training, training=training
+        )
         for s in weight.strategies
     }
     chosen = min(costs.values(), key=lambda c: c.seconds).name
