@@ -304,11 +304,7 @@ class FactorizedLinear(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must have a floating dtype, got {x.dtype}")
-        if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have in_features={self.in_features} features in its last dim, got "
-                f"input shape {tuple(x.shape)}"
-            )
+        self.weight.check_input(x)
         layer = self._layer(indices)
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, layer, use_reentrant=False)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..ranks import ConcreteRank, RankSpec, param_count, resolve_rank
+from ..ranks import ConcreteRank, RankSpec, resolve_rank
 from ..shapes import Modes, validate_modes
 
 
@@ -137,11 +137,7 @@ class FactorizedMatrix(nn.Module):
                 f"strategy must be one of {self.strategies} for factorization={self.name!r}, "
                 f"got {strategy!r}"
             )
-        if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have in_features={self.in_features} features in its last dim, got "
-                f"input shape {tuple(x.shape)}"
-            )
+        self.check_input(x)
         layer = self._check_layer(layer)
         if layer is None and self.n_layers > 1:
             raise ValueError(
@@ -151,6 +147,14 @@ class FactorizedMatrix(nn.Module):
         operands = self.prepare(strategy, layer)
         y = self.apply(strategy, x.reshape(-1, self.in_features), operands)
         return y.reshape(*lead, self.out_features)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` unless ``x`` is ``(..., in_features)``."""
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have in_features={self.in_features} features in its last dim, got "
+                f"input shape {tuple(x.shape)}"
+            )
 
     # Every strategy is split in two: ``prepare`` does the work that depends on the weight
     # only (so inference can cache it), ``apply`` the work on the input.
@@ -306,11 +310,6 @@ class FactorizedMatrix(nn.Module):
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         """Decompose the tensorized weight; returns ``{parameter name: value}``."""
         raise NotImplementedError
-
-    def _check_param_count(self) -> None:
-        expected = param_count(self.name, self.in_modes, self.out_modes, self.rank, self.n_layers)
-        if self.num_params != expected:  # an internal invariant, checked in tests
-            raise RuntimeError(f"{self.name}: {self.num_params} parameters, expected {expected}")
 
 
 def balanced_std(std: float, n_terms: int, n_factors: int) -> float:
