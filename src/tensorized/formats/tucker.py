@@ -52,10 +52,10 @@ class TuckerMatrix(FactorizedMatrix):
         m, batch = len(self.out_modes), x.shape[0]
         t = x.reshape(batch, *self.in_modes)
         for f in reversed(factors[m:]):  # project onto the in-factors: i_k -> r_k
-            t = _last_axis_product(t, f).movedim(-1, 1)
+            t = mode_dot(t, f.T, t.ndim - 1).movedim(-1, 1)
         t = (t.reshape(batch, -1) @ core.T).reshape(batch, *self.rank[:m])
         for f in reversed(factors[:m]):  # expand with the out-factors: r_k -> o_k
-            t = _last_axis_product(t, f.T).movedim(-1, 1)
+            t = mode_dot(t, f, t.ndim - 1).movedim(-1, 1)
         return add_bias(t.reshape(batch, self.out_features), bias)
 
     def _prepare_kron(self, layer: int | None) -> tuple[Tensor, ...]:
@@ -110,8 +110,3 @@ def _kron(factors: list[Tensor]) -> Tensor:
             out.shape[0] * f.shape[0], out.shape[1] * f.shape[1]
         )
     return out
-
-
-def _last_axis_product(t: Tensor, matrix: Tensor) -> Tensor:
-    """``t (..., n) @ matrix (n, r) -> (..., r)`` as one GEMM."""
-    return (t.reshape(-1, t.shape[-1]) @ matrix).reshape(*t.shape[:-1], matrix.shape[1])
