@@ -11,8 +11,9 @@ Strategies (``FactorizedMatrix.strategies``):
 
 * ``'reconstructed'``: rebuild ``W`` from the factors, then one GEMM.
 * ``'factorized'``: contract ``x`` with the factors one at a time: CP through the
-  Khatri-Rao products of the in and out factors (two GEMMs), Tucker mode by mode (biggest
-  shrink first), TT in-cores then out-cores, TT-matrix core by core, low-rank ``V`` then ``U``.
+  Khatri-Rao products of the in and out factors (two GEMMs), Tucker mode by mode (each on
+  the last axis, last mode first), TT in-cores then out-cores, TT-matrix core by core,
+  low-rank ``V`` then ``U``.
 * ``'kron'`` (Tucker): the Kronecker products of the in- and out-factors, with the core
   folded into the side of larger rank: two GEMMs through ``min(R_in, R_out)``.
 * ``'halves'`` (TT): multiply out the in-cores and the out-cores into two matrices
@@ -277,16 +278,15 @@ def strategy_cost(
     batch: int,
     dtype: torch.dtype,
     device_type: str,
-    reuse_prepared: bool = False,
     training: bool = False,
 ) -> StrategyCost:
     """FLOPs, bytes, calls and estimated seconds of one strategy.
 
-    With ``reuse_prepared`` (inference), the weight-only ``prepare`` step is cached across
-    calls and costs nothing per call.
+    In inference (``training=False``) the weight-only ``prepare`` step is cached across calls
+    and costs nothing per call; in training it is paid every call, with its backward.
     """
     prepare, apply = gemms(weight, strategy, batch)
-    products = apply if reuse_prepared else prepare + apply
+    products = prepare + apply if training else apply
     itemsize = torch.empty((), dtype=dtype).element_size()
     machine = MACHINES.get(device_type, MACHINES["cpu"])
     rate = machine.flops_per_s / (2 if dtype == torch.float64 else 1)
@@ -304,8 +304,8 @@ def strategy_cost(
     elementwise = _apply_numel(weight, strategy, batch) * (3 if training else 1)
     if strategy == "sequential":  # the folds are element-wise kernels: a multiply and a sum
         seconds += (2 * len(weight.in_modes) + len(weight.out_modes)) * machine.call_overhead_s
-    if not reuse_prepared:
-        elementwise += 2 * _prepared_numel(weight, strategy) * (3 if training else 1)
+    if training:
+        elementwise += 2 * _prepared_numel(weight, strategy) * 3
     moved += elementwise * itemsize
     seconds += elementwise * itemsize / machine.elementwise_bytes_per_s
     return StrategyCost(strategy, flops, 2 * flops, moved, len(products), seconds)
@@ -334,10 +334,7 @@ def make_plan(
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch!r}")
     costs = {
-        s: strategy_cost(
-            weight, s, batch, dtype, device_type, reuse_prepared=not training, training=training
-        )
-        for s in weight.strategies
+        s: strategy_cost(weight, s, batch, dtype, device_type, training) for s in weight.strategies
     }
     chosen = min(costs.values(), key=lambda c: c.seconds).name
     return Plan(weight.name, batch, training, dtype, device_type, chosen, costs)
