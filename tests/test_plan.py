@@ -122,13 +122,30 @@ def test_eval_cache_is_invalidated_when_parameters_change():
     x = torch.randn(3, 16)
     with torch.no_grad():
         first = layer(x)
-        assert layer._operand_cache is not None
+        assert layer._operand_cache
         for p in layer.weight.parameters():
             p.mul_(2.0)
         second = layer(x)
     expected = F.linear(x, layer.weight.to_matrix(), layer.bias)
     torch.testing.assert_close(second, expected)
     assert not torch.allclose(first, second)
+
+
+def test_eval_cache_keeps_one_entry_per_layer_of_a_joint_weight():
+    joint = tz.FactorizedLinear(
+        (4, 4), (4, 4), factorization="tt", rank=3, n_layers=3, implementation="reconstructed"
+    ).eval()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        for i in (0, 1, 2, 0):
+            torch.testing.assert_close(
+                joint(x, i), F.linear(x, joint.weight.to_matrix(i), joint.bias[i])
+            )
+    assert set(joint._operand_cache) == {
+        ("reconstructed", 0),
+        ("reconstructed", 1),
+        ("reconstructed", 2),
+    }
 
 
 def test_unknown_strategy_errors():

@@ -153,7 +153,7 @@ class FactorizedLinear(nn.Module):
             )
         self._implementation = value
         self._plans: dict[tuple, str] = {}
-        self._operand_cache: tuple | None = None
+        self._operand_cache: dict[tuple, tuple] = {}
 
     @property
     def in_features(self) -> int:
@@ -273,8 +273,11 @@ class FactorizedLinear(nn.Module):
     def implementation_for(self, batch: int) -> str:
         """The strategy ``forward`` uses for ``batch`` rows in the current mode."""
         param = next(self.weight.parameters())
-        grad = self.training and torch.is_grad_enabled()
-        return self._strategy(batch, grad, param.dtype, param.device.type)
+        return self._strategy(batch, self._grad_flows(), param.dtype, param.device.type)
+
+    def _grad_flows(self) -> bool:
+        """Whether a forward now records gradients of the weight (then nothing is cached)."""
+        return torch.is_grad_enabled() and self.weight.any_requires_grad()
 
     def _strategy(self, batch: int, grad: bool, dtype, device_type) -> str:
         if self.implementation != "auto":
@@ -315,7 +318,7 @@ class FactorizedLinear(nn.Module):
         if bias is not None and layer is not None:
             bias = bias[layer]
         weight = self.weight
-        grad = torch.is_grad_enabled() and weight.any_requires_grad()
+        grad = self._grad_flows()
         x2d = x if x.ndim == 2 else x.reshape(-1, weight.in_features)
         strategy = self._strategy(x2d.shape[0], grad, x.dtype, x.device.type)
         if grad or torch.compiler.is_compiling():
@@ -328,14 +331,17 @@ class FactorizedLinear(nn.Module):
     def _cached_operands(self, strategy: str, layer: int | None) -> tuple[Tensor, ...]:
         """The strategy's weight-only operands, reused while no parameter changes.
 
-        Only used without autograd: the cache is keyed on the parameters' identity, storage
-        and version counters (bumped by every in-place update, optimizer steps included).
+        Only used without autograd. One entry per (strategy, layer), so the layers of a
+        joint weight do not evict each other; each is valid while the parameters' identity,
+        storage and version counters (bumped by every in-place update, optimizer steps
+        included) are unchanged.
         """
         versions = tuple((id(p), p.data_ptr(), p._version) for p in self.weight.parameters())
-        key = (strategy, layer, versions)
-        if self._operand_cache is None or self._operand_cache[0] != key:
-            self._operand_cache = (key, self.weight.prepare(strategy, layer))
-        return self._operand_cache[1]
+        entry = self._operand_cache.get((strategy, layer))
+        if entry is None or entry[0] != versions:
+            entry = (versions, self.weight.prepare(strategy, layer))
+            self._operand_cache[(strategy, layer)] = entry
+        return entry[1]
 
     # ------------------------------------------------------------------ layers
 
