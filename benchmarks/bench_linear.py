@@ -25,9 +25,12 @@ import argparse
 import copy
 import datetime
 import math
+import multiprocessing as mp
 import os
 import platform
+import queue
 import re
+import resource
 import shlex
 import statistics
 import sys
@@ -186,6 +189,18 @@ def saved_bytes(module: nn.Module, x: Tensor) -> int:
     return sum(storages.values())
 
 
+def cuda_step_peak(step: Step, device: torch.device) -> int:
+    """Bytes the CUDA allocator holds at its peak during one call of ``step``, above what it
+    held before (parameters and input): activations, temporaries and gradients."""
+    step()  # caches (plan, operand cache) are built outside the measured call
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
@@ -255,6 +270,7 @@ class Row:
     plan_flops: int = 0  # of the chosen plan: forward, or forward + backward for fwd+bwd
     plan_fwd_flops: int = 0
     mem_ratio: float | None = None
+    peak_ratio: float | None = None  # CUDA only: allocator peak of one step, ours / nn.Linear
 
     @property
     def train(self) -> bool:
@@ -306,6 +322,9 @@ class Config:
     batches: list[int]
     budget_s: float
     device: torch.device
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    threads: int = 1
+    memory_cap_gb: float | None = None  # address-space cap of each CPU worker process
     limit: int | None = None
 
 
@@ -343,37 +362,88 @@ def measure_point(
     row.plan_flops = cost.forward_flops + (cost.backward_flops if row.train else 0)
     if row.train and row.batch == 512:
         row.mem_ratio = saved_bytes(ours["auto"], x) / saved_bytes(linear, x)
+        if cfg.device.type == "cuda":
+            row.peak_ratio = cuda_step_peak(steps["ours:auto"], cfg.device) / cuda_step_peak(
+                steps["linear"], cfg.device
+            )
+
+
+def group_rows(cfg: Config, shape: tuple[int, int], fmt: str, ratio: float) -> Iterator[Row]:
+    """Yield the measured (or skipped) rows of one (shape, format, ratio) group."""
+    torch.manual_seed(0)
+    try:
+        ours = build_ours(shape, fmt, ratio, cfg.device)
+    except ValueError as exc:
+        yield Row(shape, fmt, ratio, skipped=first_line(exc))
+        return
+    rank = ours["auto"].rank
+    if fmt == "cp" and rank > TLTORCH_CP_RANK_LIMIT:
+        reason = f"not run: CP rank {rank} (a run at this size was killed for memory)"
+        tl = dict.fromkeys(TLTORCH_IMPLS, reason)
+    else:
+        tl = build_tltorch(shape, fmt, ratio, cfg.device)
+    for batch in cfg.batches:
+        for mode in MODES:
+            row = Row(shape, fmt, ratio, batch, mode)
+            measure_point(row, ours, tl, cfg)
+            yield row
+
+
+def group_worker(cfg: Config, group: tuple, out: mp.Queue) -> None:
+    """Process entry point: measure one group and send each row, then ``None``."""
+    warnings.simplefilter("ignore", RankBudgetWarning)
+    torch.set_num_threads(cfg.threads)
+    if cfg.memory_cap_gb and cfg.device.type == "cpu":
+        # An allocation over the cap raises (reported as 'fails') instead of waking the
+        # kernel's OOM killer, which took the whole run down at 4096x4096 before.
+        cap = int(cfg.memory_cap_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    for row in group_rows(cfg, *group):
+        out.put(row)
+    out.put(None)
 
 
 def run_grid(cfg: Config) -> Iterator[Row]:
-    """Yield one measured (or skipped) row per grid point, in order."""
+    """Yield one measured (or skipped) row per grid point, in order.
+
+    Each (shape, format, ratio) group runs in its own spawned process, so one that dies (out
+    of memory, a crash inside a peer library) costs only its own rows, reported as such.
+    """
+    ctx = mp.get_context("spawn")  # fork deadlocks with OpenMP thread pools
     done = 0
     for shape in cfg.shapes:
-        for fmt in FORMATS:
+        for fmt in cfg.formats:
             for ratio in cfg.ratios:
                 if cfg.limit is not None and done >= cfg.limit:
                     return
-                torch.manual_seed(0)
-                try:
-                    ours = build_ours(shape, fmt, ratio, cfg.device)
-                except ValueError as exc:
+                results: mp.Queue = ctx.Queue()
+                worker = ctx.Process(target=group_worker, args=(cfg, (shape, fmt, ratio), results))
+                worker.start()
+                expected = [(b, m) for b in cfg.batches for m in MODES]
+                while True:
+                    try:
+                        row = results.get(timeout=5)
+                    except queue.Empty:
+                        if worker.is_alive():
+                            continue
+                        # died without its end marker: report the points it did not reach
+                        reason = f"worker died (exit code {worker.exitcode}; -9: out of memory)"
+                        for b, m in expected:
+                            if cfg.limit is not None and done >= cfg.limit:
+                                break
+                            done += 1
+                            yield Row(shape, fmt, ratio, b, m, skipped=reason)
+                        break
+                    if row is None:
+                        break
+                    if row.batch is not None:
+                        expected.remove((row.batch, row.mode))
                     done += 1
-                    yield Row(shape, fmt, ratio, skipped=first_line(exc))
-                    continue
-                rank = ours["auto"].rank
-                if fmt == "cp" and rank > TLTORCH_CP_RANK_LIMIT:
-                    reason = f"not run: CP rank {rank} (a run at this size was killed for memory)"
-                    tl = dict.fromkeys(TLTORCH_IMPLS, reason)
-                else:
-                    tl = build_tltorch(shape, fmt, ratio, cfg.device)
-                for batch in cfg.batches:
-                    for mode in MODES:
-                        if cfg.limit is not None and done >= cfg.limit:
-                            return
-                        row = Row(shape, fmt, ratio, batch, mode)
-                        measure_point(row, ours, tl, cfg)
-                        done += 1
-                        yield row
+                    yield row
+                    if cfg.limit is not None and done >= cfg.limit:
+                        worker.kill()
+                        break
+                worker.join()
 
 
 # ------------------------------------------------------------------ torch.compile
@@ -460,12 +530,14 @@ def main_table(rows: list[Row]) -> list[str]:
         "GFLOP/s",
         "lin GFLOP/s",
         "mem auto/lin",
+        "peak auto/lin",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         if r.skipped:
-            cells = [shape, r.fmt, str(r.ratio), "-", "-", f"skipped: {r.skipped}"]
+            batch, mode = (str(r.batch), r.mode) if r.batch else ("-", "-")
+            cells = [shape, r.fmt, str(r.ratio), batch, mode, f"skipped: {r.skipped}"]
             lines.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
             continue
         fixed, tl = r.best_fixed, r.best_tl
@@ -492,6 +564,7 @@ def main_table(rows: list[Row]) -> list[str]:
             f"{r.plan_flops / r.auto.seconds / 1e9:.1f}" if r.auto.ok else "-",
             f"{dense / r.linear.seconds / 1e9:.1f}" if r.linear.ok else "-",
             fmt_x(r.mem_ratio),
+            fmt_x(r.peak_ratio),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -602,6 +675,11 @@ def summary(rows: list[Row], compile_rows: list[CompileRow] | None) -> list[str]
             1.25,
         )
     )
+    peaks = collect(rows, lambda r: r.peak_ratio, applies_everywhere)
+    if peaks:
+        checks.append(
+            verdict("6b. fwd+bwd b512 CUDA step peak auto/nn.Linear <= 1.25", peaks, 1.25)
+        )
     counts = [sum(ok is value for _, ok in checks) for value in (True, False, None)]
     head = "Checks: {} met, {} not met, {} not applicable".format(*counts)
     return [head, ""] + [f"- {text}" for text, _ in checks]
@@ -643,7 +721,10 @@ tltorch's `factorized` and `reconstructed`. Ratios are auto's time over the othe
 is faster). `plan MFLOP` is the chosen plan's forward FLOPs (forward + backward for `fwd+bwd`),
 `GFLOP/s` those FLOPs over auto's time, `lin GFLOP/s` nn.Linear's dense FLOPs over its time.
 `mem auto/lin` is, at batch 512 fwd+bwd, the bytes of the tensors saved for backward plus the
-output, ours over nn.Linear. `(1 call)`: slower than 2 s, timed once."""
+output, ours over nn.Linear; `peak auto/lin` (CUDA only) is the allocator's peak during one such
+step above what it held before the step (parameters and input), ours over nn.Linear.
+`(1 call)`: slower than 2 s, timed once. Each (shape, format, ratio) group runs in its own
+process (CPU: with an address-space cap, so an allocation that does not fit fails cleanly)."""
 
 
 def report(
@@ -682,6 +763,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated INxOUT shapes of the full grid, e.g. 1024x1024,768x3072",
     )
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated formats")
+    p.add_argument("--budget", type=float, default=None, help="seconds per callable and point")
+    p.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=16.0,
+        help="address-space cap of each CPU worker (default 16 GB; 0: none)",
+    )
     p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # smoke runs
     return p.parse_args(argv)
 
@@ -695,8 +784,11 @@ def main(argv: list[str] | None = None) -> None:
         shapes=[(1024, 1024)] if args.quick else parse_shapes(args.shapes),
         ratios=[0.1] if args.quick else FULL_RATIOS,
         batches=BATCHES,
-        budget_s=0.1 if args.quick else 0.3,
+        budget_s=args.budget or (0.1 if args.quick else 0.3),
         device=device,
+        formats=[f.strip() for f in args.formats.split(",")],
+        threads=args.threads,
+        memory_cap_gb=args.memory_cap_gb or None,
         limit=args.limit,
     )
     start = time.perf_counter()
