@@ -764,6 +764,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated INxOUT shapes of the full grid, e.g. 1024x1024,768x3072",
     )
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated formats")
+    p.add_argument("--ratios", default=None, help="comma-separated parameter ratios")
     p.add_argument("--budget", type=float, default=None, help="seconds per callable and point")
     p.add_argument(
         "--memory-cap-gb",
@@ -782,7 +783,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     cfg = Config(
         shapes=[(1024, 1024)] if args.quick else parse_shapes(args.shapes),
-        ratios=[0.1] if args.quick else FULL_RATIOS,
+        ratios=[float(r) for r in args.ratios.split(",")]
+        if args.ratios
+        else ([0.1] if args.quick else FULL_RATIOS),
         batches=BATCHES,
         budget_s=args.budget or (0.1 if args.quick else 0.3),
         device=device,

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tensorized as tz
 from tensorized.formats import FORMATS
-from tensorized.plan import gemms, make_plan
+from tensorized.plan import WeightShape, gemms, make_plan
 
 F64 = torch.float64
 RANKS = {
@@ -156,3 +156,16 @@ def test_unknown_strategy_errors():
         w.contract(torch.randn(2, 16), strategy="halves")
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
         make_plan(w, 0, training=False, dtype=torch.float32, device_type="cpu")
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_plan_from_shape_signature_equals_plan_from_module(fmt):
+    # torch.compile plans from the constant signature; it must describe the module exactly.
+    rank = {"dense": "same", "cp": 4, "lowrank": 3}.get(fmt, 2)
+    layer = tz.FactorizedLinear((4, 6), (3, 5), factorization=fmt, rank=rank, n_layers=2)
+    shape = WeightShape(*layer.weight.shape_signature)
+    assert shape.num_params == layer.weight.num_params
+    assert (shape.in_features, shape.out_features) == (24, 15)
+    for batch, training in [(1, False), (64, True)]:
+        kw = {"training": training, "dtype": torch.float32, "device_type": "cpu"}
+        assert make_plan(shape, batch, **kw) == make_plan(layer.weight, batch, **kw)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ._ops import frobenius_error
 from .formats import canonical_name, get_format
 from .formats.base import FactorizedMatrix
-from .plan import Plan, make_plan
+from .plan import Plan, WeightShape, make_plan
 from .ranks import ConcreteRank, RankSpec
 from .shapes import Modes, factorize, tensorize_shape, validate_modes
 
@@ -57,9 +57,12 @@ def _resolve_modes(
 
 @torch.compiler.assume_constant_result
 def _planned_strategy(
-    weight: FactorizedMatrix, batch: int, grad: bool, dtype: torch.dtype, device_type: str
+    signature: tuple, batch: int, grad: bool, dtype: torch.dtype, device_type: str
 ) -> str:
-    return make_plan(weight, batch, training=grad, dtype=dtype, device_type=device_type).chosen
+    # Takes the weight's shape_signature (constants), not the module: older torch.compile
+    # versions cannot treat a module argument as a constant.
+    shape = WeightShape(*signature)
+    return make_plan(shape, batch, training=grad, dtype=dtype, device_type=device_type).chosen
 
 
 class FactorizedLinear(nn.Module):
@@ -285,11 +288,12 @@ class FactorizedLinear(nn.Module):
         if torch.compiler.is_compiling():
             # Planned while tracing (not traced): the choice is a constant of the graph. A
             # compiled graph cannot keep the eager cache, so plan as if nothing is reused.
-            return _planned_strategy(self.weight, int(batch), True, dtype, device_type)
+            signature = self.weight.shape_signature
+            return _planned_strategy(signature, int(batch), True, dtype, device_type)
         key = (batch, grad, dtype, device_type)
         choice = self._plans.get(key)
         if choice is None:  # planned once per key; later calls are a dict lookup
-            choice = _planned_strategy(self.weight, batch, grad, dtype, device_type)
+            choice = _planned_strategy(self.weight.shape_signature, batch, grad, dtype, device_type)
             self._plans[key] = choice
         return choice
 

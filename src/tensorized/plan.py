@@ -38,10 +38,40 @@ import torch
 
 from .formats.base import FactorizedMatrix
 
-__all__ = ["MACHINES", "Plan", "StrategyCost", "gemms", "make_plan"]
+__all__ = ["MACHINES", "Plan", "StrategyCost", "WeightShape", "gemms", "make_plan"]
 
 # (m, k, n, count): ``count`` products of one (m, k) matrix by a (k, n) matrix each.
 Gemm = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class WeightShape:
+    """What the cost model needs of a factorized weight: its shapes, no tensors.
+
+    Plain constants, so that planning while ``torch.compile`` traces sees no module (see
+    :attr:`FactorizedMatrix.shape_signature`, of which this is the named form).
+    """
+
+    name: str
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    rank: int | tuple[int, ...]
+    n_layers: int
+    core_shapes: tuple[tuple[int, ...], ...]  # TT / TT-matrix cores; () for other formats
+    strategies: tuple[str, ...]
+    num_params: int
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_modes)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_modes)
+
+
+def _shape_of(weight: WeightShape | WeightShape) -> WeightShape:
+    return weight if isinstance(weight, WeightShape) else WeightShape(*weight.shape_signature)
 
 
 @dataclass(frozen=True)
@@ -120,19 +150,19 @@ class Plan:
 # ------------------------------------------------------------------ products of each strategy
 
 
-def _train_shapes(weight: FactorizedMatrix) -> list[tuple[int, ...]]:
+def _train_shapes(weight: WeightShape) -> list[tuple[int, ...]]:
     """Core shapes of one layer, as ``TrainMatrix._layer_cores`` returns them."""
-    shapes = [tuple(c.shape) for c in weight.cores]
+    shapes = list(weight.core_shapes)
     if weight.n_layers > 1:
         shapes = [(1, *shapes[1][1:]), *shapes[2:]]
     return shapes
 
 
-def _layer_merge(weight: FactorizedMatrix) -> list[Gemm]:
+def _layer_merge(weight: WeightShape) -> list[Gemm]:
     if weight.n_layers == 1:
         return []
-    nxt = weight.cores[1]
-    return [(1, nxt.shape[0], nxt.numel() // nxt.shape[0], 1)]
+    nxt = weight.core_shapes[1]
+    return [(1, nxt[0], math.prod(nxt[1:]), 1)]
 
 
 def _chain(shapes: list[tuple[int, ...]]) -> list[Gemm]:
@@ -145,7 +175,7 @@ def _chain(shapes: list[tuple[int, ...]]) -> list[Gemm]:
     return out
 
 
-def _reconstruct(weight: FactorizedMatrix) -> list[Gemm]:
+def _reconstruct(weight: WeightShape) -> list[Gemm]:
     name, O, I = weight.name, weight.out_features, weight.in_features
     if name == "dense":
         return []
@@ -160,7 +190,7 @@ def _reconstruct(weight: FactorizedMatrix) -> list[Gemm]:
     return _layer_merge(weight) + _chain(_train_shapes(weight))
 
 
-def _tucker_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+def _tucker_factorized(weight: WeightShape, B: int) -> list[Gemm]:
     """Mode by mode on the last axis, last mode first (``TuckerMatrix._apply_factorized``)."""
     m = len(weight.out_modes)
     r_out, r_in = weight.rank[:m], weight.rank[m:]
@@ -176,7 +206,7 @@ def _tucker_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
     return out
 
 
-def _tucker_kron(weight: FactorizedMatrix) -> tuple[list[Gemm], int]:
+def _tucker_kron(weight: WeightShape) -> tuple[list[Gemm], int]:
     """Folding the core into one Kronecker side; returns the GEMMs and the middle rank."""
     m = len(weight.out_modes)
     R_out, R_in = math.prod(weight.rank[:m]), math.prod(weight.rank[m:])
@@ -185,7 +215,7 @@ def _tucker_kron(weight: FactorizedMatrix) -> tuple[list[Gemm], int]:
     return [(R_out, R_in, weight.in_features, 1)], R_out
 
 
-def _tt_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+def _tt_factorized(weight: WeightShape, B: int) -> list[Gemm]:
     m = len(weight.out_modes)
     cores = _train_shapes(weight)
     out, rows = [], B * weight.in_features
@@ -199,7 +229,7 @@ def _tt_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
     return out
 
 
-def _ttm_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
+def _ttm_factorized(weight: WeightShape, B: int) -> list[Gemm]:
     out, done, rest = [], 1, weight.in_features
     for r, o, i, r_next in _train_shapes(weight):
         rest //= i
@@ -208,9 +238,12 @@ def _ttm_factorized(weight: FactorizedMatrix, B: int) -> list[Gemm]:
     return out
 
 
-def gemms(weight: FactorizedMatrix, strategy: str, batch: int) -> tuple[list[Gemm], list[Gemm]]:
+def gemms(
+    weight: FactorizedMatrix | WeightShape, strategy: str, batch: int
+) -> tuple[list[Gemm], list[Gemm]]:
     """The matrix products ``(m, k, n, count)`` of ``strategy`` for ``batch`` rows, split
     into the weight-only ``prepare`` step (cacheable in inference) and the ``apply`` step."""
+    weight = _shape_of(weight)
     name, O, I, B = weight.name, weight.out_features, weight.in_features, batch
     if strategy not in weight.strategies:
         raise ValueError(
@@ -240,7 +273,7 @@ def gemms(weight: FactorizedMatrix, strategy: str, batch: int) -> tuple[list[Gem
     return _layer_merge(weight), _ttm_factorized(weight, B)
 
 
-def _apply_numel(weight: FactorizedMatrix, strategy: str, batch: int) -> int:
+def _apply_numel(weight: WeightShape, strategy: str, batch: int) -> int:
     """Elements written by element-wise work in ``apply`` (CP's sequential folds)."""
     if strategy != "sequential":
         return 0
@@ -252,7 +285,7 @@ def _apply_numel(weight: FactorizedMatrix, strategy: str, batch: int) -> int:
     return total
 
 
-def _prepared_numel(weight: FactorizedMatrix, strategy: str) -> int:
+def _prepared_numel(weight: WeightShape, strategy: str) -> int:
     """Elements written by element-wise work in ``prepare`` (Khatri-Rao, Kronecker, copies)."""
     name, O, I = weight.name, weight.out_features, weight.in_features
     if strategy == "reconstructed" or name == "dense":
@@ -266,14 +299,14 @@ def _prepared_numel(weight: FactorizedMatrix, strategy: str) -> int:
         return I * math.prod(weight.rank[m:]) + O * math.prod(weight.rank[:m])
     if strategy == "halves":
         return (I + O) * _train_shapes(weight)[len(weight.out_modes)][0]
-    return sum(c.numel() for c in weight.parameters()) if name == "blocktt" else 0
+    return weight.num_params if name == "blocktt" else 0
 
 
 # ------------------------------------------------------------------ planning
 
 
 def strategy_cost(
-    weight: FactorizedMatrix,
+    weight: FactorizedMatrix | WeightShape,
     strategy: str,
     batch: int,
     dtype: torch.dtype,
@@ -312,7 +345,7 @@ def strategy_cost(
 
 
 def make_plan(
-    weight: FactorizedMatrix,
+    weight: FactorizedMatrix | WeightShape,
     batch: int,
     *,
     training: bool,
@@ -322,7 +355,7 @@ def make_plan(
     """Cost every strategy of ``weight`` and choose the one with the least estimated time.
 
     Args:
-        weight: the factorized weight.
+        weight: the factorized weight, or its :class:`WeightShape`.
         batch: number of rows of ``x`` (all leading dims together).
         training: whether gradients flow (then a reconstruction cannot be cached).
         dtype: compute dtype.
@@ -333,6 +366,7 @@ def make_plan(
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch!r}")
+    weight = _shape_of(weight)
     costs = {
         s: strategy_cost(weight, s, batch, dtype, device_type, training) for s in weight.strategies
     }

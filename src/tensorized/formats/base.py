@@ -59,6 +59,19 @@ class FactorizedMatrix(nn.Module):
         )
         factory = {"device": device, "dtype": dtype}
         self._build(factory)
+        # Shapes never change after construction; kept as plain constants so that planning
+        # under torch.compile needs no module (see tensorized.plan.WeightShape).
+        cores = getattr(self, "cores", ())
+        self.shape_signature: tuple = (
+            self.name,
+            self.in_modes,
+            self.out_modes,
+            self.rank,
+            self.n_layers,
+            tuple(tuple(cores[k].shape) for k in range(len(cores))),
+            self.strategies,
+            sum(p.numel() for p in self.parameters()),
+        )
         self.reset_parameters()
 
     # ---------------------------------------------------------------- sizes

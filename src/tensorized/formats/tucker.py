@@ -43,7 +43,7 @@ class TuckerMatrix(FactorizedMatrix):
     def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
         m = len(self.out_modes)
         core = self._core(layer).reshape(math.prod(self.rank[:m]), -1)
-        return (core, *self.factors)
+        return (core, *list(self.factors))  # list(): older torch.compile cannot unpack it
 
     def _apply_factorized(self, x: Tensor, core: Tensor, *factors: Tensor, bias=None) -> Tensor:
         # Mode by mode, always on the last axis so each step is one plain GEMM; the new axis
@@ -63,7 +63,8 @@ class TuckerMatrix(FactorizedMatrix):
         # into the side with the larger rank so that the apply step is two GEMMs through
         # min(R_in, R_out).
         m = len(self.out_modes)
-        k_in, k_out = _kron(list(self.factors[m:])), _kron(list(self.factors[:m]))
+        factors = list(self.factors)  # a list, not a ParameterList slice, for torch.compile
+        k_in, k_out = _kron(factors[m:]), _kron(factors[:m])
         core = self._core(layer).reshape(k_out.shape[1], k_in.shape[1])
         if k_in.shape[1] <= k_out.shape[1]:
             return k_in, k_out @ core
