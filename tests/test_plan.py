@@ -4,11 +4,12 @@ cheapest, every strategy equals the dense oracle, and plans are cached."""
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import tensorized as tz
 from tensorized.formats import FORMATS
-from tensorized.plan import WeightShape, gemms, make_plan
+from tensorized.plan import WeightShape, _copied_numel, gemms, make_plan, strategy_cost
 
 F64 = torch.float64
 RANKS = {
@@ -169,3 +170,32 @@ def test_plan_from_shape_signature_equals_plan_from_module(fmt):
     for batch, training in [(1, False), (64, True)]:
         kw = {"training": training, "dtype": torch.float32, "device_type": "cpu"}
         assert make_plan(shape, batch, **kw) == make_plan(layer.weight, batch, **kw)
+        for strategy in layer.weight.strategies:
+            args = (strategy, batch, torch.float32, "cpu", training)
+            assert strategy_cost(layer.weight, *args) == strategy_cost(shape, *args)
+
+
+class _CopyCounter(TorchDispatchMode):
+    """Elements written by copies (``clone`` / ``copy_``) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_):
+            self.numel += out.numel()
+        return out
+
+
+@pytest.mark.parametrize(("fmt", "strategy"), [(f, s) for f, s, n in CASES if n == 1])
+def test_copies_match_the_code(fmt, strategy):
+    # The cost model's copied elements (Tucker's rotated mode products) against the copies
+    # the apply step really makes.
+    w = build(fmt, 1)
+    x = torch.randn(7, 48, dtype=F64)
+    operands = w.prepare(strategy, None)
+    with _CopyCounter() as counter:
+        w.apply(strategy, x, operands, None)
+    assert counter.numel == _copied_numel(WeightShape(*w.shape_signature), strategy, 7)

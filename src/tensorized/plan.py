@@ -70,7 +70,7 @@ class WeightShape:
         return math.prod(self.out_modes)
 
 
-def _shape_of(weight: WeightShape | WeightShape) -> WeightShape:
+def _shape_of(weight: FactorizedMatrix | WeightShape) -> WeightShape:
     return weight if isinstance(weight, WeightShape) else WeightShape(*weight.shape_signature)
 
 
@@ -222,9 +222,9 @@ def _tt_factorized(weight: WeightShape, B: int) -> list[Gemm]:
     for r, i, r_next in reversed(cores[m:]):
         rows //= i
         out.append((rows, i * r_next, r, 1))
-    rest = 1
+    rest = B  # the out side runs with the batch as the last axis (plain GEMMs)
     for r, o, r_next in reversed(cores[:m]):
-        out.append((r * o, r_next, rest, B))
+        out.append((r * o, r_next, rest, 1))
         rest *= o
     return out
 
@@ -285,6 +285,29 @@ def _apply_numel(weight: WeightShape, strategy: str, batch: int) -> int:
     return total
 
 
+def _copied_numel(weight: WeightShape, strategy: str, batch: int) -> int:
+    """Elements copied between products in ``apply`` (the tests count them in the code).
+
+    Tucker's factorized path rotates each mode product's output (``movedim``), so the next
+    product (or the final reshape) makes it contiguous once.
+    """
+    if strategy != "factorized":
+        return 0
+    if weight.name == "tucker":
+        products = _tucker_factorized(weight, batch)
+        k_in = len(weight.in_modes)  # products[k_in], the core GEMM, writes contiguously
+        return sum(m * n for m, _, n, _ in products[:k_in] + products[k_in + 1 :])
+    if weight.name == "blocktt":
+        # torch.matmul((m, k), (c, k, n)) folds into one GEMM on transposed copies: the
+        # (c, k, n) operand (when c > 1) and the (c, m, n) result; nothing when n == 1.
+        return sum(
+            (c * k * n if c > 1 else 0) + c * m * n
+            for m, k, n, c in _ttm_factorized(weight, batch)
+            if n > 1
+        )
+    return 0
+
+
 def _prepared_numel(weight: WeightShape, strategy: str) -> int:
     """Elements written by element-wise work in ``prepare`` (Khatri-Rao, Kronecker, copies)."""
     name, O, I = weight.name, weight.out_features, weight.in_features
@@ -318,6 +341,7 @@ def strategy_cost(
     In inference (``training=False``) the weight-only ``prepare`` step is cached across calls
     and costs nothing per call; in training it is paid every call, with its backward.
     """
+    weight = _shape_of(weight)
     prepare, apply = gemms(weight, strategy, batch)
     products = prepare + apply if training else apply
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -335,6 +359,8 @@ def strategy_cost(
     # Element-wise work is backed by reductions over its broadcast dims in backward, which
     # costs about twice its forward again.
     elementwise = _apply_numel(weight, strategy, batch) * (3 if training else 1)
+    # Copies count once in training too: fitted on measured CPU times (three times overshot).
+    elementwise += _copied_numel(weight, strategy, batch)
     if strategy == "sequential":  # the folds are element-wise kernels: a multiply and a sum
         seconds += (2 * len(weight.in_modes) + len(weight.out_modes)) * machine.call_overhead_s
     if training:

@@ -85,15 +85,17 @@ class TTMatrix(TrainMatrix):
         return tuple(self._layer_cores(layer))
 
     def _apply_factorized(self, x: Tensor, *cores: Tensor, bias: Tensor | None) -> Tensor:
-        m = len(self.out_modes)
+        m, batch = len(self.out_modes), x.shape[0]
         t = x
         for c in reversed(cores[m:]):  # absorb the in modes, last first: -> (batch, r_m)
             t = t.reshape(-1, c.shape[1] * c.shape[2]) @ c.reshape(c.shape[0], -1).T
-        t = t.reshape(x.shape[0], -1, 1)  # (batch, r_m, prod of the out modes done so far)
-        for c in reversed(cores[:m]):  # expand the out modes, last first
-            t = c.reshape(-1, c.shape[-1]) @ t  # (batch, r_{k-1} * o_k, rest)
-            t = t.reshape(x.shape[0], c.shape[0], -1)
-        return add_bias(t.reshape(x.shape[0], self.out_features), bias)
+        # Expand the out modes, last first, with the batch as the last axis: t is
+        # (r_k, out modes done, batch), so each step is one plain GEMM on a contiguous view
+        # (a batch-first layout needs a broadcast matmul, which copies its operands).
+        t = t.T  # (r_m, batch), a transposed view that the GEMM reads as is
+        for c in reversed(cores[:m]):
+            t = c.reshape(-1, c.shape[-1]) @ t.reshape(c.shape[-1], -1)
+        return add_bias(t.reshape(self.out_features, batch).T, bias)
 
     def _prepare_halves(self, layer: int | None) -> tuple[Tensor, ...]:
         # Multiply out each half of the train: (in, r_m) and (out, r_m).
