@@ -5,6 +5,7 @@ from .linear import FactorizedLinear, LinearView
 from .plan import Plan
 from .ranks import RankBudgetWarning, param_count, resolve_rank
 from .shapes import tensorize_shape
+from .transform import TensorizeConfig, TensorizeReport, tensorize_
 
 __all__ = [
     "FactorizedLinear",
@@ -12,9 +13,12 @@ __all__ = [
     "LinearView",
     "Plan",
     "RankBudgetWarning",
+    "TensorizeConfig",
+    "TensorizeReport",
     "get_format",
     "param_count",
     "resolve_rank",
+    "tensorize_",
     "tensorize_shape",
 ]
 

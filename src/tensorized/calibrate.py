@@ -1,0 +1,563 @@
+"""Activation-aware compression: record layer inputs, then fit factorized layers to outputs.
+
+A compressed layer should reproduce the original *outputs* ``X W^T + b`` on the inputs it
+really sees, not only its weight: activations are strongly anisotropic, so weight error in
+rarely excited input directions hardly matters. :func:`record_inputs` collects the inputs of
+modules with hooks; :func:`calibrate` fits a built :class:`~tensorized.FactorizedLinear`:
+
+1. A closed-form data-aware start where it is exact. ``'lowrank'``: the best rank-r
+   ``What`` in the norm ``||(W - What) S||_F``, ``S S^T`` the (centred) input covariance,
+   i.e. the whitened truncated SVD of X. Wang et al., "SVD-LLM: Truncation-aware Singular
+   Value Decomposition for Large Language Model Compression" (2024); Yuan et al., "ASVD:
+   Activation-aware Singular Value Decomposition for Compressing Large Language Models"
+   (2023). It equals ``U_r U_r^T W`` with ``U_r`` the leading eigenvectors of ``W C W^T``, so
+   ``S`` is never inverted. Any format then gets the least-squares bias.
+2. L-BFGS with a strong Wolfe line search (Liu & Nocedal, "On the limited memory BFGS method
+   for large scale optimization", Math. Programming 45, 1989) on all factors and the bias,
+   full batch, on the relative output MSE of the fit rows. That loss only depends on the
+   rows' mean and Gram matrix ``G`` (``tr(E G E^T)`` plus a mean term, ``E = What - W``),
+   so a step costs one ``(out, in) x (in, in)`` product plus the reconstruction of ``What``
+   and its backward, whatever the number of rows. A ridge on ``G`` pulls ``What`` towards
+   ``W`` in directions the rows do not excite.
+3. The held-out error is measured every few steps and the best state kept, so the result is
+   never worse than the start on the held-out rows.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .linear import FactorizedLinear
+
+__all__ = ["CalibrationResult", "calibrate", "holdout_split", "record_inputs"]
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- recording
+
+
+class _Reservoir:
+    """A uniform sample without replacement of at most ``size`` rows of a stream.
+
+    Every row gets an independent uniform key and the ``size`` smallest keys are kept (the
+    equal-weight case of P. S. Efraimidis, P. G. Spirakis, "Weighted random sampling with a
+    reservoir", Inf. Process. Lett. 97(5), 2006), so memory stays bounded whatever the number
+    of batches, and a fixed seed gives the same sample.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: Tensor | None = None
+        self.keys = torch.empty(0, dtype=F64)
+        self.position = torch.empty(0, dtype=torch.long)
+        self.seen = 0
+
+    def add(self, rows: Tensor) -> None:
+        n = rows.shape[0]
+        keys = torch.rand(n, generator=self.generator, dtype=F64)
+        position = torch.arange(self.seen, self.seen + n)
+        self.seen += n
+        if self.rows is not None:
+            rows = torch.cat([self.rows, rows])
+            keys = torch.cat([self.keys, keys])
+            position = torch.cat([self.position, position])
+        if keys.shape[0] > self.size:
+            keep = torch.topk(keys, self.size, largest=False).indices
+            rows, keys, position = rows[keep.to(rows.device)], keys[keep], position[keep]
+        self.rows, self.keys, self.position = rows, keys, position
+
+    def result(self) -> Tensor | None:
+        if self.rows is None:
+            return None
+        order = torch.argsort(self.position)  # the kept rows in the order they were seen
+        return self.rows[order.to(self.rows.device)]
+
+
+def record_inputs(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    calibration_data: Iterable,
+    *,
+    max_rows: int = 4096,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Run ``model`` on calibration data and record the inputs of some of its modules.
+
+    Each item of ``calibration_data`` is one model call: a ``Tensor`` ``x`` runs
+    ``model(x)``, a tuple or list runs ``model(*x)``, a mapping (e.g. a tokenizer's
+    ``BatchEncoding``) runs ``model(**x)``. The model runs under ``torch.no_grad()`` in eval
+    mode; every module's training flag is restored afterwards and the hooks are removed, even
+    when the model raises.
+
+    Args:
+        model: the model to run.
+        modules: ``name -> module`` whose first input is recorded (e.g. ``nn.Linear`` s of
+            ``model``).
+        calibration_data: an iterable of model inputs (a list, a ``DataLoader``, ...).
+        max_rows: keep at most this many rows per module: a uniform random subset without
+            replacement (seeded), in the order the rows were seen.
+        seed: seed of the subsampling.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        ``name -> (rows, in_features)``: the module's inputs with all leading dims flattened,
+        in the dtype and on the device of the module's parameters. A module that never ran
+        gets ``(0, in_features)`` (``in_features`` from the module, else 0).
+
+    Raises:
+        TypeError: for a ``modules`` that is not a mapping of modules, a ``calibration_data``
+            that is not an iterable of batches, or an item of the wrong type.
+        ValueError: for an empty ``calibration_data`` or a bad ``max_rows``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(modules, Mapping) or not all(
+        isinstance(k, str) and isinstance(m, nn.Module) for k, m in modules.items()
+    ):
+        raise TypeError(
+            f"modules must be a mapping of str names to nn.Module, got {type(modules).__name__}"
+        )
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
+    _check_data(calibration_data)
+    reservoirs = {name: _Reservoir(max_rows, seed) for name in modules}
+    flags = {m: m.training for m in [*model.modules(), *modules.values()]}
+    handles = []
+
+    def hook_for(name: str, module: nn.Module):
+        param = next(module.parameters(), None)
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
+            if x is None or x.ndim == 0:
+                raise TypeError(f"module {name!r} was called without a tensor input to record")
+            held = reservoirs[name].rows
+            if held is not None and held.shape[1] != x.shape[-1]:
+                raise ValueError(
+                    f"module {name!r} received inputs with {x.shape[-1]} features after "
+                    f"inputs with {held.shape[1]}"
+                )
+            # A copy: the model may later change its activations in place.
+            rows = x.detach().reshape(-1, x.shape[-1])
+            target = param if param is not None else rows
+            reservoirs[name].add(rows.to(device=target.device, dtype=target.dtype, copy=True))
+
+        return hook
+
+    count = 0
+    try:
+        for name, module in modules.items():
+            handles.append(
+                module.register_forward_pre_hook(hook_for(name, module), with_kwargs=True)
+            )
+        model.eval()
+        batches = calibration_data
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="recording inputs", leave=False)
+        with torch.no_grad():
+            for count, item in enumerate(batches, 1):
+                _call(model, item, count - 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.train(flag)
+    if count == 0:
+        raise ValueError("calibration_data is empty: give at least one batch of model inputs")
+    out = {}
+    for name, module in modules.items():
+        rows = reservoirs[name].result()
+        if rows is None:
+            param = next(module.parameters(), None)
+            rows = torch.empty(
+                0,
+                getattr(module, "in_features", 0),
+                dtype=param.dtype if param is not None else torch.get_default_dtype(),
+                device=param.device if param is not None else None,
+            )
+        out[name] = rows
+    return out
+
+
+def _check_data(data: object) -> None:
+    hint = "an iterable of model inputs (e.g. a list of tensors, tuples or dicts, or a DataLoader)"
+    if isinstance(data, Tensor | Mapping | str | bytes):
+        raise TypeError(
+            f"calibration_data must be {hint}, got a single {type(data).__name__}; wrap one "
+            f"batch in a list: calibration_data=[batch]"
+        )
+    if not isinstance(data, Iterable):
+        raise TypeError(f"calibration_data must be {hint}, got {type(data).__name__}")
+
+
+def _call(model: nn.Module, item: object, k: int) -> None:
+    if isinstance(item, Tensor):
+        model(item)
+    elif isinstance(item, Mapping):
+        model(**item)
+    elif isinstance(item, tuple | list):
+        model(*item)
+    else:
+        raise TypeError(
+            f"calibration_data[{k}] must be a Tensor (model(x)), a tuple or list of positional "
+            f"inputs (model(*x)) or a dict of keyword inputs (model(**x)), got "
+            f"{type(item).__name__}"
+        )
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Output errors of a calibrated layer.
+
+    Attributes:
+        before: per layer index, the relative output error ``||Y - Yhat||_F / ||Y||_F`` on
+            the held-out rows before calibration, with ``Y = X W^T + b``.
+        after: the same after calibration; never larger than ``before`` (the best state is
+            kept).
+        steps: optimizer steps actually taken.
+    """
+
+    before: list[float]
+    after: list[float]
+    steps: int
+
+
+def holdout_split(n_rows: int, holdout: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The seeded split of ``n_rows`` rows that :func:`calibrate` uses.
+
+    Args:
+        n_rows: number of rows, at least 2.
+        holdout: fraction of held-out rows, in ``(0, 1)``; at least one row on each side.
+        seed: seed of the random permutation.
+
+    Returns:
+        ``(fit, held_out)``: sorted row indices, shapes ``(n_fit,)`` and ``(n_held,)``.
+    """
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 2:
+        raise ValueError(f"n_rows must be an int >= 2 (one fit and one held-out row), got {n_rows}")
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    n_held = min(n_rows - 1, max(1, round(holdout * n_rows)))
+    return perm[n_held:].sort().values, perm[:n_held].sort().values
+
+
+class _Problem:
+    """One layer index's data: fit-row statistics and held-out rows with float64 targets.
+
+    With ``E = What - W``, mean ``mu``, centred fit rows ``Xc`` and ``d = What mu + bhat -
+    (W mu + b)``, the fit loss is ``sum_rows ||E x + bhat - b||^2 = tr(E G E^T) + n ||d||^2``
+    with ``G = Xc^T Xc``: it only depends on the mean and the Gram matrix of the rows, and its
+    gradient with respect to ``What`` is ``2 E G + 2 n d mu^T`` (``G`` plus a ridge).
+    """
+
+    def __init__(self, W: Tensor, b: Tensor | None, X: Tensor, fit: Tensor, held: Tensor):
+        self.W = W.detach().to(F64)
+        self.b = torch.zeros_like(self.W[:, 0]) if b is None else b.detach().to(F64)
+        Xf = X[fit].to(F64)
+        self.n_fit, n_in = Xf.shape
+        self.mean = Xf.mean(0)
+        centred = Xf - self.mean  # (n_fit, in)
+        self.gram = centred.T @ centred  # (in, in)
+        self.target_mean = self.W @ self.mean + self.b  # (out,)
+        norm_sq = (self.W @ self.gram * self.W).sum() + self.n_fit * self.target_mean.pow(2).sum()
+        self.norm_sq = max(float(norm_sq), torch.finfo(F64).tiny)
+        # A ridge pulls What towards W in the input directions the rows barely excite (and
+        # keeps G invertible when there are fewer rows than features): 10% of the mean
+        # variance, shrinking as (features / rows)^2 once the rows outnumber the features.
+        strength = 0.1 * min(1.0, n_in / self.n_fit) ** 2
+        self.ridge = strength * float(self.gram.diagonal().mean())
+        # G = F F^T with few columns makes E G cheap: F from the eigenvectors of the smaller
+        # Gram matrix, keeping eigenvalues above a thousandth of the ridge (the others change
+        # the loss far less than the ridge does).
+        small = self.n_fit <= n_in
+        lam, vecs = torch.linalg.eigh(centred @ centred.T if small else self.gram)
+        keep = lam > 1e-3 * self.ridge
+        factor = centred.T @ vecs[:, keep] if small else vecs[:, keep] * lam[keep].sqrt()
+        self.factor = factor if 2 * factor.shape[1] < n_in else None  # else E @ G is cheaper
+        self.X_held = X[held]
+        self.Y_held = self.X_held.to(F64) @ self.W.T + self.b
+
+    def to(self, dtype: torch.dtype) -> _Problem:
+        """Cast the operands of the loss to the working dtype."""
+        self.W_work = self.W.to(dtype)
+        self.G_work = (self.gram if self.factor is None else self.factor).to(dtype)
+        self.mean_work = self.mean.to(dtype)
+        self.t_mean_work = self.target_mean.to(dtype)
+        return self
+
+    def times_gram(self, E: Tensor) -> Tensor:
+        """``E G`` for ``E`` of shape ``(out, in)``."""
+        if self.factor is None:
+            return E @ self.G_work + self.ridge * E
+        return (E @ self.G_work) @ self.G_work.T + self.ridge * E
+
+
+def _check_calibrate_args(layer, weights, biases, inputs, steps, lr, holdout) -> None:
+    if not isinstance(layer, FactorizedLinear):
+        raise TypeError(f"layer must be a FactorizedLinear, got {type(layer).__name__}")
+    L, shape = layer.n_layers, (layer.out_features, layer.in_features)
+    for name, seq in (("weights", weights), ("biases", biases), ("inputs", inputs)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence) or len(seq) != L:
+            got = f"length {len(seq)}" if isinstance(seq, Sequence) else type(seq).__name__
+            raise ValueError(
+                f"{name} must be a list with one entry per layer (n_layers={L}), got {got}"
+            )
+    for i in range(L):
+        X = inputs[i]
+        for name, value, want in (("weights", weights[i], shape), ("biases", biases[i], shape[:1])):
+            if (value is not None or name == "weights") and (
+                not isinstance(value, Tensor) or tuple(value.shape) != want
+            ):
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                none = "None or " if name == "biases" else ""
+                raise ValueError(f"{name}[{i}] must be {none}a tensor of shape {want}, got {got}")
+        if not isinstance(X, Tensor) or X.ndim != 2 or X.shape[1] != shape[1] or X.shape[0] < 2:
+            got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+            raise ValueError(
+                f"inputs[{i}] must be a tensor of shape (rows, in_features={shape[1]}) with at "
+                f"least 2 rows (one to fit, one held out), got {got}"
+            )
+        if not X.is_floating_point() or not torch.isfinite(X).all():
+            raise ValueError(f"inputs[{i}] must be a finite floating tensor, got {X.dtype} values")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
+        raise ValueError(f"lr must be None (automatic) or a number > 0, got {lr!r}")
+    if isinstance(holdout, bool) or not isinstance(holdout, float | int) or not 0 < holdout < 1:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+
+
+def calibrate(
+    layer: FactorizedLinear,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    inputs: Sequence[Tensor],
+    *,
+    steps: int = 200,
+    lr: float | None = None,
+    holdout: float = 0.25,
+    seed: int = 0,
+) -> CalibrationResult:
+    """Fit ``layer`` in place so that ``layer(X_i, indices=i) ~= X_i @ W_i.T + b_i``.
+
+    The rows of each ``inputs[i]`` are split (seeded, :func:`holdout_split`) into fit and
+    held-out rows. On the fit rows the layer gets a closed-form data-aware start where one is
+    exact (``'lowrank'``: the whitened truncated SVD of SVD-LLM / ASVD; ``'dense'``: the
+    weight; any format: the least-squares bias), then, for the other formats, up to ``steps``
+    L-BFGS iterations on ``sum_i ||Y_i - Yhat_i||^2 / ||Y_i||^2`` (see the module docstring).
+    The held-out error is checked every ``steps // 10`` iterations and the best state is kept
+    (a state is only accepted if no layer index gets worse than it started). Works in the
+    layer's dtype if it is float32 or float64, else through a float32 copy; parameters keep
+    their dtype and device, their ``requires_grad`` flags and the layer's training mode are
+    restored and no ``.grad`` is left behind.
+
+    Args:
+        layer: the factorized layer to fit (e.g. from ``FactorizedLinear.from_linear``).
+        weights: ``n_layers`` original weights, each ``(out_features, in_features)``.
+        biases: ``n_layers`` original biases, each ``(out_features,)`` or ``None``.
+        inputs: ``n_layers`` recorded inputs, each ``(rows, in_features)`` with rows >= 2
+            (see :func:`record_inputs`).
+        steps: L-BFGS iterations (0: only the closed-form start); ignored for 'lowrank' and
+            'dense', whose closed form is already optimal.
+        lr: L-BFGS step multiplier; ``None`` uses 1 (the quasi-Newton step, scale-free).
+        holdout: fraction of the rows held out to measure the error.
+        seed: seed of the row split.
+
+    Returns:
+        A :class:`CalibrationResult` with the held-out errors before and after.
+    """
+    _check_calibrate_args(layer, weights, biases, inputs, steps, lr, holdout)
+    params = list(layer.parameters())
+    flags = [p.requires_grad for p in params]
+    training = layer.training
+    dtype = params[0].dtype
+    work_dtype = dtype if dtype in (torch.float32, F64) else torch.float32
+    device = params[0].device
+    problems = []
+    for i, X in enumerate(inputs):
+        fit, held = holdout_split(X.shape[0], float(holdout), seed)
+        X = X.detach().to(device)
+        b = None if biases[i] is None else biases[i].detach().to(device)
+        problems.append(_Problem(weights[i].to(device), b, X, fit.to(device), held.to(device)))
+    try:
+        layer.eval()
+        for p in params:
+            p.requires_grad_(False)
+        original = _snapshot(layer)
+        before = _held_out_errors(layer, problems, dtype)
+        # A lower-precision layer is fitted through a float32 copy, then rounded back.
+        work = layer if work_dtype == dtype else copy.deepcopy(layer).to(work_dtype)
+        for prob in problems:
+            prob.to(work_dtype)
+        taken = _fit(work, problems, steps, lr, before)
+        if work is not layer:
+            _restore(layer, _snapshot(work))
+        after = _held_out_errors(layer, problems, dtype)
+        if any(a > b for a, b in zip(after, before)):  # rounding back can only lose a little
+            _restore(layer, original)
+            after = before
+    finally:
+        for p, flag in zip(params, flags):
+            p.grad = None
+            p.requires_grad_(flag)
+        layer.train(training)
+    return CalibrationResult(before=before, after=after, steps=taken)
+
+
+def _snapshot(layer: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in layer.parameters()]
+
+
+@torch.no_grad()
+def _restore(layer: nn.Module, state: list[Tensor]) -> None:
+    for p, value in zip(layer.parameters(), state):
+        p.copy_(value)
+
+
+@torch.no_grad()
+def _held_out_errors(layer: FactorizedLinear, problems: list[_Problem], dtype) -> list[float]:
+    errors = []
+    for i, prob in enumerate(problems):
+        Y_hat = layer(prob.X_held.to(dtype), i).to(F64)
+        norm = prob.Y_held.norm()
+        diff = (prob.Y_held - Y_hat).norm()
+        errors.append(float(diff / norm) if norm > 0 else float(diff))
+    return errors
+
+
+def _bias(layer: FactorizedLinear, i: int) -> Tensor | None:
+    if layer.bias is None:
+        return None
+    return layer.bias[i] if layer.n_layers > 1 else layer.bias
+
+
+def _closed_form_is_exact(layer: FactorizedLinear, problems: list[_Problem]) -> bool:
+    """Whether :func:`_closed_form` already minimizes the fit loss (no refinement needed)."""
+    offset_free = layer.bias is not None or all(not p.b.any() for p in problems)
+    return layer.factorization in ("lowrank", "dense") and offset_free
+
+
+@torch.no_grad()
+def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
+    """Data-aware start: whitened truncated SVD for 'lowrank', the weight itself for
+    'dense', then the least-squares bias for any format."""
+    weight = layer.weight
+    for i, prob in enumerate(problems):
+        if layer.factorization == "dense":
+            weight.weight.view(-1, *prob.W.shape)[i].copy_(prob.W)
+        if layer.factorization != "lowrank":
+            continue
+        # min ||(W - What) S||_F over rank r, with S S^T = C the input second moment (centred
+        # when the bias absorbs the mean): What = U_r U_r^T W, U_r the leading eigenvectors of
+        # W C W^T = (W S)(W S)^T, i.e. the leading left singular vectors of W S.
+        C = prob.gram
+        if layer.bias is None:
+            C = C + prob.n_fit * torch.outer(prob.mean, prob.mean)
+        out_features, in_features = prob.W.shape
+        if out_features <= in_features:
+            U_r = torch.linalg.eigh(prob.W @ C @ prob.W.T)[1].flip(-1)[:, : weight.rank]
+        else:
+            lam, vecs = torch.linalg.eigh(C)
+            S = vecs * lam.clamp_min(0).sqrt()
+            U_r = torch.linalg.svd(prob.W @ S, full_matrices=False)[0][:, : weight.rank]
+        A, sigma, Bh = torch.linalg.svd(U_r.T @ prob.W, full_matrices=False)
+        weight.U[i].copy_(U_r @ A)
+        weight.s[i].copy_(sigma)
+        weight.V[i].copy_(Bh.T)
+    if layer.bias is not None:
+        for i, prob in enumerate(problems):
+            W_hat = weight.to_matrix(i if layer.n_layers > 1 else None).to(F64)
+            _bias(layer, i).copy_(prob.target_mean - W_hat @ prob.mean)
+
+
+def _loss_backward(layer: FactorizedLinear, problems: list[_Problem]) -> Tensor:
+    """The relative fit loss summed over layer indices; its gradient is accumulated in the
+    parameters' ``.grad``.
+
+    The expensive part, ``E G``, is computed once outside autograd and enters through the
+    surrogate ``2 <What, E G>``, whose gradient with respect to ``What`` is exactly that of
+    ``tr(E G E^T)``; only the reconstruction of ``What`` is differentiated by autograd.
+    """
+    value = 0.0
+    for i, prob in enumerate(problems):
+        W_hat = layer.weight.to_matrix(i if layer.n_layers > 1 else None)
+        E = W_hat.detach() - prob.W_work
+        EG = prob.times_gram(E)
+        at_mean = W_hat @ prob.mean_work - prob.t_mean_work
+        bias = _bias(layer, i)
+        if bias is not None:
+            at_mean = at_mean + bias
+        mean_term = prob.n_fit * at_mean.pow(2).sum()
+        surrogate = (2 * (W_hat * EG).sum() + mean_term) / prob.norm_sq
+        surrogate.backward()
+        value += float((EG * E).sum() + mean_term.detach()) / prob.norm_sq
+    return torch.tensor(value)
+
+
+def _fit(
+    layer: FactorizedLinear,
+    problems: list[_Problem],
+    steps: int,
+    lr: float | None,
+    before: list[float],
+) -> int:
+    """Closed-form start, then L-BFGS; keeps the best held-out state. Returns the steps taken."""
+    dtype = next(layer.parameters()).dtype
+    best_state, best = _snapshot(layer), sum(before)
+
+    def consider() -> None:
+        nonlocal best_state, best
+        errors = _held_out_errors(layer, problems, dtype)
+        if sum(errors) < best and all(e <= b for e, b in zip(errors, before)):
+            best_state, best = _snapshot(layer), sum(errors)
+
+    _closed_form(layer, problems)
+    consider()
+    taken = 0
+    if steps > 0 and not _closed_form_is_exact(layer, problems):
+        params = list(layer.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        every = max(1, steps // 10)
+        opt = torch.optim.LBFGS(
+            params,
+            lr=1.0 if lr is None else lr,
+            max_iter=every,
+            max_eval=every * 5 // 4 + 1,
+            history_size=20,
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            return _loss_backward(layer, problems)
+
+        while taken < steps:
+            chunk = min(every, steps - taken)
+            opt.param_groups[0].update(max_iter=chunk, max_eval=chunk * 5 // 4 + 1)
+            loss = opt.step(closure)
+            done = opt.state[params[0]]["n_iter"]
+            stalled = done == taken
+            taken = done
+            consider()
+            if stalled or not torch.isfinite(loss):
+                break
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    _restore(layer, best_state)
+    return taken

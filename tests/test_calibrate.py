@@ -1,0 +1,280 @@
+"""Calibration: recorded inputs against manual hooks, fitted layers against float64 oracles."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tensorized as tz
+from tensorized.calibrate import CalibrationResult, calibrate, holdout_split, record_inputs
+
+F64 = torch.float64
+RANK = {"cp": 0.15, "tucker": 0.3, "tt": 0.3, "blocktt": 0.3, "lowrank": 0.3}
+
+
+def anisotropic(n, d, decay=0.85, seed=0, dtype=F64):
+    """Rows ``Z @ A`` whose covariance has a geometrically decaying spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=gen, dtype=F64) * decay ** torch.arange(d, dtype=F64)[:, None]
+    return (torch.randn(n, d, generator=gen, dtype=F64) @ A).to(dtype)
+
+
+def oracle_error(layer, W, b, X, index=0):
+    """``||X W^T + b - layer(X)|| / ||X W^T + b||`` in float64."""
+    with torch.no_grad():
+        Y = X.to(F64) @ W.to(F64).T + b.to(F64)
+        Y_hat = layer(X.to(layer.bias.dtype), index).to(F64)
+    return float((Y - Y_hat).norm() / Y.norm())
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+@pytest.mark.parametrize("fmt", list(RANK))
+def test_calibration_reduces_held_out_output_error(fmt):
+    src = nn.Linear(64, 48, dtype=F64)
+    W, b = src.weight.detach(), src.bias.detach()
+    X = anisotropic(512, 64)
+    layer = tz.FactorizedLinear.from_linear(src, (8, 8), (6, 8), RANK[fmt], factorization=fmt)
+    start = copy.deepcopy(layer)
+    result = calibrate(layer, [W], [b], [X], steps=100)
+    _, held = holdout_split(512, 0.25, seed=0)
+    assert isinstance(result, CalibrationResult)
+    assert result.before[0] == pytest.approx(oracle_error(start, W, b, X[held]), rel=1e-9)
+    assert result.after[0] == pytest.approx(oracle_error(layer, W, b, X[held]), rel=1e-9)
+    assert result.after[0] < 0.8 * result.before[0]
+    assert layer.rank == start.rank  # same format and parameter count, only values change
+    assert 0 <= result.steps <= 100
+
+
+def test_lowrank_whitened_start_is_exact_when_inputs_span_few_directions():
+    # Inputs in a 5-dim subspace: every output is exactly reproducible at rank 6, although the
+    # rank-6 weight error is large. The whitened SVD (SVD-LLM) finds it without any step.
+    src = nn.Linear(40, 30, dtype=F64)
+    X = torch.randn(300, 5, dtype=F64) @ torch.randn(5, 40, dtype=F64) + 0.5
+    layer = tz.FactorizedLinear.from_linear(src, rank=6, factorization="lowrank")
+    result = calibrate(layer, [src.weight.detach()], [src.bias.detach()], [X], steps=50)
+    assert result.before[0] > 0.3
+    assert result.after[0] < 1e-10
+    assert result.steps == 0  # the closed form is optimal: no refinement
+
+
+def test_joint_layers_are_fitted_together():
+    sources = [nn.Linear(32, 24, dtype=F64) for _ in range(3)]
+    layer = tz.FactorizedLinear.from_linear_list(sources, (4, 8), (4, 6), 0.3, factorization="tt")
+    W = [s.weight.detach() for s in sources]
+    b = [s.bias.detach() for s in sources]
+    X = [anisotropic(256, 32, seed=k) for k in range(3)]
+    result = calibrate(layer, W, b, X, steps=80)
+    _, held = holdout_split(256, 0.25, seed=0)
+    assert len(result.before) == len(result.after) == 3
+    for i in range(3):
+        assert result.after[i] <= result.before[i]
+        assert result.after[i] == pytest.approx(oracle_error(layer, W[i], b[i], X[i][held], i))
+    assert sum(result.after) < 0.8 * sum(result.before)
+
+
+def test_calibration_restores_flags_and_leaves_no_gradients():
+    src = nn.Linear(32, 16)
+    layer = tz.FactorizedLinear.from_linear(src, (4, 8), (4, 4), 0.4, factorization="tucker")
+    layer.bias.requires_grad_(False)  # a frozen parameter stays frozen
+    layer.train()
+    X = anisotropic(128, 32, dtype=torch.float32)
+    result = calibrate(layer, [src.weight], [src.bias], [X], steps=20)
+    assert result.after[0] <= result.before[0]
+    assert layer.training
+    assert not layer.bias.requires_grad
+    assert all(p.requires_grad for p in layer.weight.parameters())
+    assert all(p.grad is None for p in layer.parameters())
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+
+
+def test_half_precision_layer_is_fitted_through_float32():
+    src = nn.Linear(32, 16, dtype=torch.bfloat16)
+    layer = tz.FactorizedLinear.from_linear(src, (4, 8), (4, 4), (4,), factorization="blocktt")
+    X = anisotropic(256, 32, dtype=torch.bfloat16)
+    result = calibrate(layer, [src.weight], [src.bias], [X], steps=40)
+    assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
+    assert result.after[0] < 0.9 * result.before[0]
+
+
+def test_never_worse_and_zero_steps():
+    src = nn.Linear(16, 12, dtype=F64)
+    layer = tz.FactorizedLinear.from_linear(src, (4, 4), (3, 4), 0.5, factorization="cp")
+    X = torch.randn(6, 16, dtype=F64)  # too few rows to learn anything reliable
+    for steps in (0, 30):
+        result = calibrate(layer, [src.weight.detach()], [src.bias.detach()], [X], steps=steps)
+        assert all(a <= b for a, b in zip(result.after, result.before))
+    assert calibrate(layer, [src.weight], [None], [X], steps=0).steps == 0
+
+
+def test_holdout_split_is_a_seeded_partition():
+    fit, held = holdout_split(10, 0.3, seed=1)
+    assert len(held) == 3 and len(fit) == 7
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(10))
+    again = holdout_split(10, 0.3, seed=1)
+    assert torch.equal(again[1], held)
+    assert len(holdout_split(2, 0.01)[1]) == 1 and len(holdout_split(2, 0.99)[0]) == 1
+
+
+def test_calibrate_rejects_bad_arguments():
+    src = nn.Linear(16, 12)
+    layer = tz.FactorizedLinear.from_linear(src, (4, 4), (3, 4), 0.5, factorization="tucker")
+    W, b, X = src.weight, src.bias, torch.randn(20, 16)
+    with pytest.raises(TypeError, match="layer must be a FactorizedLinear"):
+        calibrate(src, [W], [b], [X])
+    with pytest.raises(ValueError, match=r"weights must be a list .*n_layers=1.*length 2"):
+        calibrate(layer, [W, W], [b], [X])
+    with pytest.raises(ValueError, match=r"weights\[0\] must be .*\(12, 16\), got \(16, 12\)"):
+        calibrate(layer, [W.T], [b], [X])
+    with pytest.raises(ValueError, match=r"biases\[0\] must be None or .*\(12,\)"):
+        calibrate(layer, [W], [b[:3]], [X])
+    with pytest.raises(ValueError, match=r"inputs\[0\] must be .*at least 2 rows.*\(1, 16\)"):
+        calibrate(layer, [W], [b], [X[:1]])
+    with pytest.raises(ValueError, match=r"inputs\[0\] must be a finite"):
+        calibrate(layer, [W], [b], [X * float("nan")])
+    with pytest.raises(ValueError, match="steps must be an int >= 0, got -1"):
+        calibrate(layer, [W], [b], [X], steps=-1)
+    with pytest.raises(ValueError, match=r"lr must be None .* got 0"):
+        calibrate(layer, [W], [b], [X], lr=0)
+    with pytest.raises(ValueError, match=r"holdout must be a fraction in \(0, 1\), got 1.5"):
+        calibrate(layer, [W], [b], [X], holdout=1.5)
+
+
+# --------------------------------------------------------------------------- record_inputs
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(3, 4)
+
+    def forward(self, x, y=None):
+        out = self.a(x)
+        return out if y is None else out + self.b(y)
+
+
+def manual_inputs(model, modules, batches):
+    """Inputs seen by ``modules``, recorded by plain forward hooks (the oracle)."""
+    seen = {name: [] for name in modules}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, n=n: seen[n].append(args[0].clone()))
+        for n, m in modules.items()
+    ]
+    with torch.no_grad():
+        for item in batches:
+            if isinstance(item, dict):
+                model(**item)
+            elif isinstance(item, tuple):
+                model(*item)
+            else:
+                model(item)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for n, xs in seen.items()}
+
+
+def test_record_inputs_returns_exactly_the_rows_seen():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    modules = {"first": model[0], "last": model[2]}
+    batches = [torch.randn(5, 6), torch.randn(3, 2, 6), torch.randn(1, 6)]  # 3-D is flattened
+    recorded = record_inputs(model, modules, batches)
+    expected = manual_inputs(model, modules, batches)
+    for name in modules:
+        assert torch.equal(recorded[name], expected[name])
+    assert recorded["first"].shape == (12, 6) and recorded["last"].shape == (12, 8)
+
+
+def test_record_inputs_tuple_and_dict_batches():
+    model = TwoInputs()
+    modules = {"a": model.a, "b": model.b}
+    batches = [
+        (torch.randn(4, 6), torch.randn(4, 3)),
+        {"x": torch.randn(2, 5, 6), "y": torch.randn(2, 5, 3)},
+        [torch.randn(3, 6)],  # a list is positional too; b does not run
+    ]
+    recorded = record_inputs(model, modules, batches)
+    expected = manual_inputs(model, modules, [batches[0], batches[1], tuple(batches[2])])
+    for name in modules:
+        assert torch.equal(recorded[name], expected[name])
+    assert recorded["a"].shape == (17, 6) and recorded["b"].shape == (14, 3)
+
+
+def test_subsampling_is_uniform_seeded_and_in_order():
+    model = nn.Linear(4, 2)
+    batches = [torch.randn(50, 4) for _ in range(8)]
+    stream = torch.cat(batches)
+    got = record_inputs(model, {"lin": model}, batches, max_rows=64, seed=3)["lin"]
+    assert got.shape == (64, 4)
+    # every kept row is a row of the stream, each at most once, in stream order
+    positions = [int((stream == row).all(1).nonzero()) for row in got]
+    assert positions == sorted(set(positions))
+    assert positions[-1] > 64  # not just the first rows
+    same = record_inputs(model, {"lin": model}, batches, max_rows=64, seed=3)["lin"]
+    other = record_inputs(model, {"lin": model}, batches, max_rows=64, seed=4)["lin"]
+    assert torch.equal(got, same)
+    assert not torch.equal(got, other)
+
+
+def test_hooks_removed_and_modes_restored_when_the_model_raises():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.shape[0] == 7:
+                raise RuntimeError("bad batch")
+            return self.head(self.lin(x))
+
+    model = Fails().train()
+    model.head.eval()  # a per-module flag, restored as it was
+    with pytest.raises(RuntimeError, match="bad batch"):
+        record_inputs(model, {"lin": model.lin}, [torch.randn(3, 4), torch.randn(7, 4)])
+    assert not model.lin._forward_pre_hooks and not model.lin._forward_hooks
+    assert model.training and model.lin.training and not model.head.training
+
+
+def test_record_inputs_module_that_never_ran():
+    model = TwoInputs()
+    recorded = record_inputs(model, {"b": model.b}, [torch.randn(2, 6)])
+    assert recorded["b"].shape == (0, 3)
+
+
+def test_record_inputs_keeps_a_copy_and_the_layer_dtype():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3, dtype=F64)
+
+        def forward(self, x):
+            y = self.lin(x)
+            x.mul_(0)  # later code changes the activation in place
+            return y
+
+    x = torch.ones(2, 3, dtype=F64)
+    model = InPlace()
+    recorded = record_inputs(model, {"lin": model.lin}, [x.clone()])
+    assert torch.equal(recorded["lin"], x) and recorded["lin"].dtype == F64
+
+
+def test_record_inputs_rejects_bad_arguments():
+    model = nn.Linear(4, 2)
+    mods = {"lin": model}
+    with pytest.raises(TypeError, match=r"calibration_data must be an iterable .* got int"):
+        record_inputs(model, mods, 5)
+    with pytest.raises(TypeError, match=r"got a single Tensor; wrap one batch in a list"):
+        record_inputs(model, mods, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        record_inputs(model, mods, [])
+    with pytest.raises(TypeError, match=r"calibration_data\[1\] must be a Tensor .* got float"):
+        record_inputs(model, mods, [torch.randn(2, 4), 1.5])
+    with pytest.raises(ValueError, match="max_rows must be an int >= 1, got 0"):
+        record_inputs(model, mods, [torch.randn(2, 4)], max_rows=0)
+    with pytest.raises(TypeError, match=r"modules must be a mapping of str names to nn\.Module"):
+        record_inputs(model, [model], [torch.randn(2, 4)])
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        record_inputs(lambda x: x, mods, [torch.randn(2, 4)])
