@@ -91,13 +91,13 @@ def test_fast_decaying_spectrum_gets_the_lower_rank(fmt):
         assert (r_fast, r_flat) == (4, 15)  # 0.6**8 = 0.017: little left to gain past rank 4
 
 
-@pytest.mark.parametrize("fmt", ["lowrank", "tucker", "tt"])
+@pytest.mark.parametrize("fmt", ["lowrank", "tucker", "tt", "blocktt"])
 def test_allocation_beats_the_uniform_ratio_at_the_same_budget(fmt):
     weights, modes = mixed_layers()
     uniform = [resolve_rank(fmt, i, o, 0.25, n_layers(W)) for W, (i, o) in zip(weights, modes)]
     budget = total_params(fmt, uniform, weights, modes)
     ranks = allocate_ranks(weights, modes, fmt, budget)
-    assert total_params(fmt, ranks, weights, modes) <= 1.02 * budget
+    assert total_params(fmt, ranks, weights, modes) <= budget  # never more parameters
     ours = total_error_sq(fmt, ranks, weights, modes)
     theirs = total_error_sq(fmt, uniform, weights, modes)
     assert ours <= theirs

@@ -97,8 +97,8 @@ def allocate_ranks(
     Returns:
         One concrete rank per weight, as ``resolve_rank`` returns them (an int for 'cp' and
         'lowrank', a tuple for 'tucker', 'tt' and 'blocktt', ``None`` for 'dense'); their
-        total ``param_count`` is within 2% of ``budget`` wherever the rank steps allow
-        (otherwise the nearest total is used and a ``RankBudgetWarning`` says so).
+        total ``param_count`` is within 2% under ``budget`` (2% over it if the rank steps
+        are too coarse; if even that fails, the nearest total and a ``RankBudgetWarning``).
 
     Raises:
         ValueError: for a budget outside the reachable range (the message gives it), or
@@ -125,10 +125,13 @@ def allocate_ranks(
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
         raise TypeError(f"budget must be a number of parameters (an int), got {budget!r}")
     dense_total = sum(math.prod(W.shape) for W, *_ in entries)
-    smallest = [_smallest(fmt, i, o, L) for _, i, o, L in entries]
-    min_total = sum(param_count(fmt, i, o, r, L) for (_, i, o, L), r in zip(entries, smallest))
-    if fmt == "dense":
-        min_total = dense_total
+    min_total = dense_total
+    if fmt != "dense":  # all ranks 1
+        ones = [
+            1 if fmt in ("cp", "lowrank") else (1,) * len(rank_caps(fmt, i, o, L))
+            for _, i, o, L in entries
+        ]
+        min_total = sum(param_count(fmt, i, o, r, L) for (_, i, o, L), r in zip(entries, ones))
     if not min_total <= budget <= dense_total:
         raise ValueError(
             f"budget={budget} is outside the reachable range [{min_total}, {dense_total}] for "
@@ -197,14 +200,6 @@ def _check_candidates(candidates) -> tuple[float, ...]:
                 f"candidates must be fractions in (0, 1] of each weight's parameters, got {c!r}"
             )
     return tuple(float(c) for c in candidates)
-
-
-def _smallest(fmt: str, in_modes: Modes, out_modes: Modes, n_layers: int) -> ConcreteRank:
-    if fmt == "dense":
-        return None
-    if fmt in ("cp", "lowrank"):
-        return 1
-    return (1,) * len(rank_caps(fmt, in_modes, out_modes, n_layers))
 
 
 # --------------------------------------------------------------------------- error curves

@@ -1,26 +1,24 @@
 """Activation-aware compression: record layer inputs, then fit factorized layers to outputs.
 
-A compressed layer should reproduce the original *outputs* ``X W^T + b`` on the inputs it
+A compressed layer should reproduce the original outputs ``X W^T + b`` on the inputs it
 really sees, not only its weight: activations are strongly anisotropic, so weight error in
-rarely excited input directions hardly matters. :func:`record_inputs` collects the inputs of
-modules with hooks; :func:`calibrate` fits a built :class:`~tensorized.FactorizedLinear`:
+rarely excited input directions hardly matters. :func:`record_inputs` hooks modules and keeps
+their inputs; :func:`calibrate` fits a :class:`~tensorized.FactorizedLinear` to the outputs:
 
-1. A closed-form data-aware start where it is exact. ``'lowrank'``: the best rank-r
-   ``What`` in the norm ``||(W - What) S||_F``, ``S S^T`` the (centred) input covariance,
-   i.e. the whitened truncated SVD of X. Wang et al., "SVD-LLM: Truncation-aware Singular
-   Value Decomposition for Large Language Model Compression" (2024); Yuan et al., "ASVD:
-   Activation-aware Singular Value Decomposition for Compressing Large Language Models"
-   (2023). It equals ``U_r U_r^T W`` with ``U_r`` the leading eigenvectors of ``W C W^T``, so
-   ``S`` is never inverted. Any format then gets the least-squares bias.
-2. L-BFGS with a strong Wolfe line search (Liu & Nocedal, "On the limited memory BFGS method
-   for large scale optimization", Math. Programming 45, 1989) on all factors and the bias,
-   full batch, on the relative output MSE of the fit rows. That loss only depends on the
-   rows' mean and Gram matrix ``G`` (``tr(E G E^T)`` plus a mean term, ``E = What - W``),
-   so a step costs one ``(out, in) x (in, in)`` product plus the reconstruction of ``What``
-   and its backward, whatever the number of rows. A ridge on ``G`` pulls ``What`` towards
-   ``W`` in directions the rows do not excite.
-3. The held-out error is measured every few steps and the best state kept, so the result is
-   never worse than the start on the held-out rows.
+1. A closed-form start where it is exact. ``'lowrank'``: the best rank-r ``What`` in the
+   norm ``||(W - What) S||_F``, ``S S^T`` the input covariance: the whitened truncated SVD of
+   SVD-LLM (Wang et al., "SVD-LLM: Truncation-aware Singular Value Decomposition for Large
+   Language Model Compression", 2024) and ASVD (Yuan et al., "ASVD: Activation-aware Singular
+   Value Decomposition for Compressing Large Language Models", 2023), computed as
+   ``U_r U_r^T W`` with ``U_r`` the leading eigenvectors of ``W C W^T`` (``S`` is never
+   inverted). Any format then gets the least-squares bias.
+2. L-BFGS with a strong Wolfe line search (Liu & Nocedal, Math. Programming 45, 1989) on all
+   factors and the bias, full batch. The output MSE of the fit rows only depends on their
+   mean and Gram matrix ``G`` (``tr(E G E^T)`` plus a mean term, ``E = What - W``), so a step
+   costs the reconstruction of ``What`` (and its backward) plus ``E G``, whatever the number
+   of rows; a ridge on ``G`` pulls ``What`` towards ``W`` where the rows excite nothing.
+3. The held-out error is measured every few steps and the best state kept: never worse than
+   the start on the held-out rows.
 """
 
 from __future__ import annotations
@@ -43,13 +41,9 @@ F64 = torch.float64
 
 
 class _Reservoir:
-    """A uniform sample without replacement of at most ``size`` rows of a stream.
-
-    Every row gets an independent uniform key and the ``size`` smallest keys are kept (the
-    equal-weight case of P. S. Efraimidis, P. G. Spirakis, "Weighted random sampling with a
-    reservoir", Inf. Process. Lett. 97(5), 2006), so memory stays bounded whatever the number
-    of batches, and a fixed seed gives the same sample.
-    """
+    """A seeded uniform sample without replacement of at most ``size`` rows of a stream, in
+    bounded memory: each row gets a uniform key and the smallest keys are kept (Efraimidis &
+    Spirakis, "Weighted random sampling with a reservoir", Inf. Process. Lett. 97(5), 2006)."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
@@ -113,9 +107,8 @@ def record_inputs(
         gets ``(0, in_features)`` (``in_features`` from the module, else 0).
 
     Raises:
-        TypeError: for a ``modules`` that is not a mapping of modules, a ``calibration_data``
-            that is not an iterable of batches, or an item of the wrong type.
-        ValueError: for an empty ``calibration_data`` or a bad ``max_rows``.
+        TypeError: for bad ``modules``, a ``calibration_data`` that is not an iterable of
+            batches, or an item of the wrong type. ValueError: for no batches, bad max_rows.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -174,18 +167,11 @@ def record_inputs(
             module.train(flag)
     if count == 0:
         raise ValueError("calibration_data is empty: give at least one batch of model inputs")
-    out = {}
+    out = {name: reservoirs[name].result() for name in modules}
     for name, module in modules.items():
-        rows = reservoirs[name].result()
-        if rows is None:
-            param = next(module.parameters(), None)
-            rows = torch.empty(
-                0,
-                getattr(module, "in_features", 0),
-                dtype=param.dtype if param is not None else torch.get_default_dtype(),
-                device=param.device if param is not None else None,
-            )
-        out[name] = rows
+        if out[name] is None:  # never ran
+            like = next(module.parameters(), torch.empty(0))
+            out[name] = like.new_empty(0, getattr(module, "in_features", 0))
     return out
 
 
@@ -223,11 +209,10 @@ class CalibrationResult:
     """Output errors of a calibrated layer.
 
     Attributes:
-        before: per layer index, the relative output error ``||Y - Yhat||_F / ||Y||_F`` on
-            the held-out rows before calibration, with ``Y = X W^T + b``.
-        after: the same after calibration; never larger than ``before`` (the best state is
-            kept).
-        steps: optimizer steps actually taken.
+        before: per layer index, ``||Y - Yhat||_F / ||Y||_F`` on the held-out rows before
+            calibration, with ``Y = X W^T + b``.
+        after: the same after calibration; never larger than ``before``.
+        steps: optimizer steps actually taken (0 where the closed form is exact).
     """
 
     before: list[float]
@@ -262,7 +247,8 @@ class _Problem:
     gradient with respect to ``What`` is ``2 E G + 2 n d mu^T`` (``G`` plus a ridge).
     """
 
-    def __init__(self, W: Tensor, b: Tensor | None, X: Tensor, fit: Tensor, held: Tensor):
+    def __init__(self, W: Tensor, b: Tensor | None, X: Tensor, held_out: float, seed: int, dtype):
+        fit, held = (i.to(X.device) for i in holdout_split(X.shape[0], held_out, seed))
         self.W = W.detach().to(F64)
         self.b = torch.zeros_like(self.W[:, 0]) if b is None else b.detach().to(F64)
         Xf = X[fit].to(F64)
@@ -288,14 +274,10 @@ class _Problem:
         self.factor = factor if 2 * factor.shape[1] < n_in else None  # else E @ G is cheaper
         self.X_held = X[held]
         self.Y_held = self.X_held.to(F64) @ self.W.T + self.b
-
-    def to(self, dtype: torch.dtype) -> _Problem:
-        """Cast the operands of the loss to the working dtype."""
-        self.W_work = self.W.to(dtype)
+        # the operands of the loss, in the working dtype
+        self.W_work, self.mean_work = self.W.to(dtype), self.mean.to(dtype)
         self.G_work = (self.gram if self.factor is None else self.factor).to(dtype)
-        self.mean_work = self.mean.to(dtype)
         self.t_mean_work = self.target_mean.to(dtype)
-        return self
 
     def times_gram(self, E: Tensor) -> Tensor:
         """``E G`` for ``E`` of shape ``(out, in)``."""
@@ -329,8 +311,9 @@ def _check_calibrate_args(layer, weights, biases, inputs, steps, lr, holdout) ->
                 f"inputs[{i}] must be a tensor of shape (rows, in_features={shape[1]}) with at "
                 f"least 2 rows (one to fit, one held out), got {got}"
             )
-        if not X.is_floating_point() or not torch.isfinite(X).all():
-            raise ValueError(f"inputs[{i}] must be a finite floating tensor, got {X.dtype} values")
+        for name, T in (("weights", weights[i]), ("inputs", X)):
+            if not T.is_floating_point() or not torch.isfinite(T).all():
+                raise ValueError(f"{name}[{i}] must be a finite floating tensor ({T.dtype})")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
@@ -352,16 +335,14 @@ def calibrate(
 ) -> CalibrationResult:
     """Fit ``layer`` in place so that ``layer(X_i, indices=i) ~= X_i @ W_i.T + b_i``.
 
-    The rows of each ``inputs[i]`` are split (seeded, :func:`holdout_split`) into fit and
-    held-out rows. On the fit rows the layer gets a closed-form data-aware start where one is
-    exact (``'lowrank'``: the whitened truncated SVD of SVD-LLM / ASVD; ``'dense'``: the
-    weight; any format: the least-squares bias), then, for the other formats, up to ``steps``
-    L-BFGS iterations on ``sum_i ||Y_i - Yhat_i||^2 / ||Y_i||^2`` (see the module docstring).
-    The held-out error is checked every ``steps // 10`` iterations and the best state is kept
-    (a state is only accepted if no layer index gets worse than it started). Works in the
-    layer's dtype if it is float32 or float64, else through a float32 copy; parameters keep
-    their dtype and device, their ``requires_grad`` flags and the layer's training mode are
-    restored and no ``.grad`` is left behind.
+    The rows of each ``inputs[i]`` are split into fit and held-out rows
+    (:func:`holdout_split`). The fit rows give a closed-form start where one is exact
+    ('lowrank': whitened SVD; 'dense': ``W``; any format: the least-squares bias), then, for
+    the other formats, up to ``steps`` L-BFGS iterations on ``sum_i ||Y_i - Yhat_i||^2 /
+    ||Y_i||^2`` (see the module docstring). The held-out error is checked every ``steps //
+    10`` iterations and the best state kept (only states where no layer index got worse).
+    Runs in the layer's dtype if float32/float64, else through a float32 copy; the layer keeps
+    its dtypes, devices, ``requires_grad`` flags and training mode, and no ``.grad``.
 
     Args:
         layer: the factorized layer to fit (e.g. from ``FactorizedLinear.from_linear``).
@@ -385,12 +366,17 @@ def calibrate(
     dtype = params[0].dtype
     work_dtype = dtype if dtype in (torch.float32, F64) else torch.float32
     device = params[0].device
-    problems = []
-    for i, X in enumerate(inputs):
-        fit, held = holdout_split(X.shape[0], float(holdout), seed)
-        X = X.detach().to(device)
-        b = None if biases[i] is None else biases[i].detach().to(device)
-        problems.append(_Problem(weights[i].to(device), b, X, fit.to(device), held.to(device)))
+    problems = [
+        _Problem(
+            weights[i].to(device),
+            None if biases[i] is None else biases[i].detach().to(device),
+            X.detach().to(device),
+            float(holdout),
+            seed,
+            work_dtype,
+        )
+        for i, X in enumerate(inputs)
+    ]
     try:
         layer.eval()
         for p in params:
@@ -399,8 +385,6 @@ def calibrate(
         before = _held_out_errors(layer, problems, dtype)
         # A lower-precision layer is fitted through a float32 copy, then rounded back.
         work = layer if work_dtype == dtype else copy.deepcopy(layer).to(work_dtype)
-        for prob in problems:
-            prob.to(work_dtype)
         taken = _fit(work, problems, steps, lr, before)
         if work is not layer:
             _restore(layer, _snapshot(work))
@@ -441,12 +425,6 @@ def _bias(layer: FactorizedLinear, i: int) -> Tensor | None:
     if layer.bias is None:
         return None
     return layer.bias[i] if layer.n_layers > 1 else layer.bias
-
-
-def _closed_form_is_exact(layer: FactorizedLinear, problems: list[_Problem]) -> bool:
-    """Whether :func:`_closed_form` already minimizes the fit loss (no refinement needed)."""
-    offset_free = layer.bias is not None or all(not p.b.any() for p in problems)
-    return layer.factorization in ("lowrank", "dense") and offset_free
 
 
 @torch.no_grad()
@@ -503,16 +481,10 @@ def _loss_backward(layer: FactorizedLinear, problems: list[_Problem]) -> Tensor:
         surrogate = (2 * (W_hat * EG).sum() + mean_term) / prob.norm_sq
         surrogate.backward()
         value += float((EG * E).sum() + mean_term.detach()) / prob.norm_sq
-    return torch.tensor(value)
+    return torch.tensor(value, dtype=F64)
 
 
-def _fit(
-    layer: FactorizedLinear,
-    problems: list[_Problem],
-    steps: int,
-    lr: float | None,
-    before: list[float],
-) -> int:
+def _fit(layer: FactorizedLinear, problems: list, steps: int, lr, before: list[float]) -> int:
     """Closed-form start, then L-BFGS; keeps the best held-out state. Returns the steps taken."""
     dtype = next(layer.parameters()).dtype
     best_state, best = _snapshot(layer), sum(before)
@@ -526,21 +498,18 @@ def _fit(
     _closed_form(layer, problems)
     consider()
     taken = 0
-    if steps > 0 and not _closed_form_is_exact(layer, problems):
+    # the closed form already minimizes the loss of 'lowrank' and 'dense' (with a bias to fit)
+    offset_free = layer.bias is not None or all(not p.b.any() for p in problems)
+    exact = layer.factorization in ("lowrank", "dense") and offset_free
+    if steps > 0 and not exact:
         params = list(layer.parameters())
         for p in params:
             p.requires_grad_(True)
         every = max(1, steps // 10)
         opt = torch.optim.LBFGS(
-            params,
-            lr=1.0 if lr is None else lr,
-            max_iter=every,
-            max_eval=every * 5 // 4 + 1,
-            history_size=20,
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
-            line_search_fn="strong_wolfe",
+            params, lr=1.0 if lr is None else lr, history_size=20, line_search_fn="strong_wolfe"
         )
+        opt.param_groups[0].update(tolerance_grad=0.0, tolerance_change=0.0)  # run all steps
 
         def closure() -> Tensor:
             opt.zero_grad(set_to_none=True)
@@ -556,8 +525,5 @@ def _fit(
             consider()
             if stalled or not torch.isfinite(loss):
                 break
-        for p in params:
-            p.grad = None
-            p.requires_grad_(False)
-    _restore(layer, best_state)
+    _restore(layer, best_state)  # calibrate() restores the flags and clears the grads
     return taken
