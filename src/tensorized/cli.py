@@ -1,16 +1,38 @@
-"""Command line: a thin layer over the public API (``tensorized --help``)."""
+"""Command line: a thin layer over the public API (``tensorized --help``).
+
+Commands: ``demo`` (train, compress and chart a small MLP), ``compress`` (apply
+:func:`~tensorized.tensorize_` to a saved model), ``inspect`` (list a saved model's factorized
+layers) and ``selfcheck`` (decompose a random weight with every format). Usage and input
+errors exit with code 2 and one line on stderr; failures while running exit with code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
+from torch import nn
 
 from ._ops import frobenius_error
 from .formats import FORMATS
+from .linear import FactorizedLinear, LinearView
 from .shapes import tensorize_shape
+
+__all__ = ["CLIError", "format_table", "inspect_model", "main", "parse_rank", "selfcheck"]
+
+TORCH_SUFFIXES = (".pt", ".pth")
+REGEX_CHARS = frozenset("\\^$*+?()[]{}|")
+
+
+class CLIError(Exception):
+    """A problem with the command's input: reported in one line, exit code 2."""
 
 
 def selfcheck(size: int = 256, fraction: float = 0.25) -> list[dict]:
@@ -66,23 +88,553 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tensorized`` command."""
-    parser = argparse.ArgumentParser(prog="tensorized", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------- parsing
+
+
+def parse_rank(text: str) -> float | int | str | tuple[int, ...]:
+    """A ``--rank`` value: ``'same'``, a float (``0.5``), an int (``8``) or ints (``4,8,8``).
+
+    Raises:
+        CLIError: for anything else.
+    """
+    t = text.strip()
+    try:
+        if t == "same":
+            return t
+        if "," in t:
+            return tuple(int(p) for p in t.split(","))
+        return int(t) if t.lstrip("+").isdigit() else float(t)
+    except ValueError:
+        raise CLIError(
+            f"--rank must be 'same', a parameter fraction such as 0.5, an int rank such as 8 "
+            f"or comma-separated int ranks such as 4,8,8; got {text!r}"
+        ) from None
+
+
+def parse_modules(text: str) -> str | list[str]:
+    """A regex if ``text`` has a regex character other than ``.``, else a comma list of names."""
+    if any(c in REGEX_CHARS for c in text):
+        return text
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise CLIError(f"expected a regex or comma-separated module names, got {text!r}")
+    return names
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (and exit code 2), as for the commands' own errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _torch_load(path: Path, *, weights_only: bool, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # unpickling can fail in many ways; all mean "not loadable"
+        raise CLIError(
+            f"cannot load {what} {str(path)!r} with torch.load: {_one_line(exc)}"
+        ) from exc
+
+
+def _transformers(quiet: bool = False):
+    try:
+        import transformers
+    except ImportError:
+        raise CLIError(
+            "loading a Hugging Face model directory needs transformers: pip install transformers"
+        ) from None
+    if quiet:  # its loading bars and notices
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def load_model(path: str | Path, *, quiet: bool = False) -> tuple[nn.Module, Path | None]:
+    """Load ``path``: a ``torch.save``'d module file, a folder holding ``model.pt``, or a
+    Hugging Face model folder (``config.json``; loaded offline with ``AutoModel``).
+
+    Args:
+        path: the file or folder.
+        quiet: silence transformers' progress bars and notices.
+
+    Returns:
+        The module (in eval mode for Hugging Face models) and, for a Hugging Face folder,
+        that folder (where its tokenizer lives), else ``None``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"model path {str(p)!r} does not exist")
+    hf_dir = None
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            transformers = _transformers(quiet)
+            try:
+                model = transformers.AutoModel.from_pretrained(str(p), local_files_only=True)
+            except Exception as exc:
+                raise CLIError(
+                    f"cannot load Hugging Face model {str(p)!r}: {_one_line(exc)}"
+                ) from exc
+            hf_dir = p
+        elif (p / "model.pt").is_file():
+            model = _torch_load(p / "model.pt", weights_only=False, what="model")
+        else:
+            raise CLIError(
+                f"{str(p)!r} is a folder without config.json (Hugging Face model) or model.pt"
+            )
+    else:
+        model = _torch_load(p, weights_only=False, what="model")
+    if not isinstance(model, nn.Module):
+        raise CLIError(
+            f"{str(p)!r} holds a {type(model).__name__}, not an nn.Module: save the whole "
+            f"module with torch.save(model, path), not its state_dict"
+        )
+    return model, hf_dir
+
+
+def _cast(item: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (also inside tuples, lists and dicts) to the model's dtype."""
+    if isinstance(item, torch.Tensor):
+        return item.to(dtype) if item.is_floating_point() else item
+    if isinstance(item, dict):
+        return {k: _cast(v, dtype) for k, v in item.items()}
+    if isinstance(item, tuple | list):
+        return type(item)(_cast(v, dtype) for v in item)
+    return item
+
+
+def load_calibration(
+    path: str | Path,
+    model: nn.Module,
+    hf_dir: Path | None,
+    *,
+    batch_size: int = 16,
+    max_length: int = 128,
+) -> list[Any]:
+    """Calibration batches from ``path``.
+
+    A ``.pt``/``.pth`` file (``torch.load(weights_only=True)``) holds a tensor (its rows are
+    split into batches of ``batch_size``), a dict of tensors (split the same way, one keyword
+    input each) or a list of batches (tensors, tuples of positional inputs or dicts of
+    keyword inputs), used as is. Any other file is text, one input per line, for a Hugging
+    Face model: tokenized by the model folder's tokenizer in batches of ``batch_size``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"calibration file {str(p)!r} does not exist")
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    if p.suffix.lower() not in TORCH_SUFFIXES:
+        if hf_dir is None:
+            raise CLIError(
+                f"text calibration {str(p)!r} needs a Hugging Face model folder (for its "
+                f"tokenizer); for a .pt model give a torch.save'd tensor or list (.pt)"
+            )
+        lines = [s.strip() for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
+        if not lines:
+            raise CLIError(f"calibration file {str(p)!r} has no non-empty line")
+        try:
+            tok = _transformers().AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+        except CLIError:
+            raise
+        except Exception as exc:
+            raise CLIError(
+                f"cannot load the tokenizer of {str(hf_dir)!r}: {_one_line(exc)}"
+            ) from exc
+        chunks = [lines[i : i + batch_size] for i in range(0, len(lines), batch_size)]
+        options = dict(padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return [dict(tok(chunk, **options)) for chunk in chunks]
+    data = _torch_load(p, weights_only=True, what="calibration data")
+    if isinstance(data, torch.Tensor):
+        batches = list(data.split(batch_size)) if data.ndim else []
+    elif isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
+        n = min((len(v) for v in data.values()), default=0)
+        batches = [
+            {k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)
+        ]
+    elif isinstance(data, list | tuple):
+        batches = list(data)
+    else:
+        raise CLIError(
+            f"calibration file {str(p)!r} holds a {type(data).__name__}; expected a tensor, a "
+            f"dict of tensors or a list of batches"
+        )
+    if not batches:
+        raise CLIError(f"calibration file {str(p)!r} holds no batch")
+    return [_cast(b, dtype) for b in batches]
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _config(args: argparse.Namespace):
+    from .transform import TensorizeConfig
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        p = Path(args.config)
+        if not p.is_file():
+            raise CLIError(f"config file {str(p)!r} does not exist")
+        try:
+            values = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise CLIError(f"config file {str(p)!r} must hold a JSON object (TensorizeConfig)")
+    parse = {"rank": parse_rank, "target_modules": parse_modules, "exclude_modules": parse_modules}
+    for key in (
+        *("factorization", "rank", "target_modules", "exclude_modules", "joint"),
+        *("rank_allocation", "order", "min_params", "calibration_steps"),
+    ):
+        value = getattr(args, key)
+        if value is not None:  # given on the command line: overrides the file
+            values[key] = parse[key](value) if key in parse else value
+    if args.quiet or args.json:
+        values["progress"] = False
+    return TensorizeConfig.from_dict(values)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .transform import tensorize_
+
+    for name in ("batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    config = _config(args)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output {str(out)!r} exists and is not a folder")
+    model, hf_dir = load_model(args.model, quiet=args.quiet or args.json)
+    data = None
+    if args.calibration is not None:
+        data = load_calibration(
+            args.calibration, model, hf_dir, batch_size=args.batch_size, max_length=args.max_length
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = tensorize_(model, config, calibration_data=data)
+    notes = list(dict.fromkeys(_one_line(w.message) for w in caught))
+    out.mkdir(parents=True, exist_ok=True)
+    files = {n: out / n for n in ("model.pt", "tensorize_config.json", "report.json")}
+    torch.save(model, files["model.pt"])
+    result = {
+        "model": str(args.model),
+        "config": config.to_dict(),
+        "layers": report.to_list(),
+        "totals": {
+            "layers": len(report),
+            "old_params": report.old_params,
+            "new_params": report.new_params,
+            "compression": report.compression,
+            "model_params_before": report.model_params_before,
+            "model_params_after": report.model_params_after,
+            "overall_compression": report.overall_compression,
+        },
+        "warnings": notes,
+        "files": {n: str(f) for n, f in files.items()},
+    }
+    files["tensorize_config.json"].write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    files["report.json"].write_text(json.dumps(result, indent=2) + "\n")
+    if not args.quiet and not args.json:
+        for note in notes:
+            print(f"tensorized compress: warning: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    elif not args.quiet:
+        print(report)
+        print(f"\nwrote {', '.join(str(f) for f in files.values())}")
+    return 0
+
+
+def inspect_model(model: nn.Module) -> dict[str, Any]:
+    """The factorized layers, joint-layer views and parameter totals of ``model``.
+
+    Returns:
+        ``{"factorized": [...], "views": [...], "totals": {...}}``. Each factorized layer has
+        ``name, format, in_features, out_features, in_modes, out_modes, rank, n_layers,
+        params`` (bias included), ``dense_params`` (its ``n_layers`` ``nn.Linear`` s) and
+        ``compression``; each view ``name, index, parent``. The totals count every parameter
+        once: ``params`` (the model), ``factorized_params``, ``dense_params`` (all others),
+        ``dense_equivalent`` (the model with each factorized layer as ``nn.Linear`` s) and
+        ``compression`` (``dense_equivalent / params``).
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    layers, views = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedLinear):
+            bias = m.out_features if m.bias is not None else 0
+            dense = m.n_layers * (m.in_features * m.out_features + bias)
+            params = sum(p.numel() for p in m.parameters())
+            layers.append(
+                {
+                    "name": name,
+                    "format": m.factorization,
+                    "in_features": m.in_features,
+                    "out_features": m.out_features,
+                    "in_modes": list(m.in_tensorized_features),
+                    "out_modes": list(m.out_tensorized_features),
+                    "rank": list(m.rank) if isinstance(m.rank, tuple) else m.rank,
+                    "n_layers": m.n_layers,
+                    "params": params,
+                    "dense_params": dense,
+                    "compression": dense / params,
+                }
+            )
+        elif isinstance(m, LinearView):
+            views.append({"name": name, "index": m.index, "parent": names.get(id(m.parent))})
+    total = sum(p.numel() for p in model.parameters())
+    factorized = {
+        id(p): p.numel() for l_ in layers for p in model.get_submodule(l_["name"]).parameters()
+    }
+    fact = sum(factorized.values())
+    equivalent = total - fact + sum(l_["dense_params"] for l_ in layers)
+    totals = {
+        "factorized_layers": len(layers),
+        "views": len(views),
+        "params": total,
+        "factorized_params": fact,
+        "dense_params": total - fact,
+        "dense_equivalent": equivalent,
+        "compression": equivalent / total if total else 1.0,
+    }
+    return {"factorized": layers, "views": views, "totals": totals}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    p = Path(args.path)
+    if p.is_dir():
+        if not (p / "model.pt").is_file():
+            raise CLIError(f"{str(p)!r} is a folder without model.pt (a 'compress' output)")
+        p = p / "model.pt"
+    model, _ = load_model(p)
+    info = inspect_model(model)
+    if args.json:
+        print(json.dumps({"path": str(p), **info}))
+        return 0
+    t = info["totals"]
+    print(f"{p}: {type(model).__name__}, {t['params']:,} parameters")
+    if info["factorized"]:
+        rows = [
+            {
+                "name": r["name"],
+                "format": r["format"],
+                "in -> out": f"{r['in_features']} -> {r['out_features']}",
+                "modes in -> out": " -> ".join(
+                    "x".join(map(str, r[k])) for k in ("in_modes", "out_modes")
+                ),
+                "rank": r["rank"],
+                "layers": r["n_layers"],
+                "params": f"{r['params']:,}",
+                "dense": f"{r['dense_params']:,}",
+                "compression": f"{r['compression']:.2f}x",
+            }
+            for r in info["factorized"]
+        ]
+        print("\n" + format_table(rows))
+    else:
+        print("\nno FactorizedLinear layer")
+    if info["views"]:
+        print("\n" + format_table(info["views"]))
+    print(
+        f"\nfactorized: {t['factorized_layers']} layers ({t['views']} joint views), "
+        f"{t['factorized_params']:,} parameters; other (dense) parameters: {t['dense_params']:,}"
+        f"\ntotal {t['params']:,} vs {t['dense_equivalent']:,} uncompressed "
+        f"({t['compression']:.2f}x)"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import format_rows, run_demo
+
+    def split(text: str | None, kind: type) -> tuple | None:
+        if text is None:
+            return None
+        try:
+            return tuple(kind(p) for p in text.split(",") if p.strip())
+        except ValueError:
+            raise CLIError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    formats = split(args.formats, str)
+    if formats:
+        from .formats import canonical_name
+
+        try:
+            formats = tuple(canonical_name(f) for f in formats)
+        except ValueError as exc:
+            raise CLIError(f"--formats: {exc}") from None
+    budgets = split(args.budgets, float)
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise CLIError(
+            "the demo needs scikit-learn (digits data): pip install scikit-learn"
+        ) from None
+    say = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
+    start = time.perf_counter()
+    try:
+        rows = run_demo(
+            args.output,
+            seed=args.seed,
+            quick=args.quick,
+            formats=formats,
+            budgets=budgets,
+            progress=say,
+        )
+    except ValueError as exc:
+        raise CLIError(_one_line(exc)) from None
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(rows))
+    elif not args.quiet:
+        print(format_rows(rows))
+        print(f"\n{len(rows) - 1} compressed models in {seconds:.1f}s; wrote {args.output}/")
+    return 0
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    if args.size < 8:
+        raise CLIError(f"--size must be >= 8, got {args.size}")
+    if not 0 < args.rank <= 1:
+        raise CLIError(f"--rank must be in (0, 1], got {args.rank}")
+    ins, outs = tensorize_shape(args.size, args.size)
+    print(
+        f"weight {args.size}x{args.size} as out modes {outs} x in modes {ins}, "
+        f"budget {args.rank:g} of the dense parameters\n"
+    )
+    print(format_table(selfcheck(args.size, args.rank)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tensorized`` argument parser with its subcommands."""
+    parser = _Parser(
+        prog="tensorized",
+        description="Compress PyTorch models with tensor-factorized linear layers.",
+        epilog=(
+            "examples:\n  tensorized demo\n  tensorized compress path/to/hf-model -f tucker "
+            "-r 0.5 --calibration texts.txt -o out/\n  tensorized inspect out/"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train a digits MLP, compress it every way, chart it")
+    demo.add_argument(
+        "-o", "--output", default="tensorized-demo", metavar="DIR", help="output folder"
+    )
+    demo.add_argument("--quick", action="store_true", help="2 formats x 2 budgets (seconds)")
+    demo.add_argument(
+        "--formats", metavar="F,F", help="comma-separated formats (default: all five)"
+    )
+    demo.add_argument(
+        "--budgets", metavar="B,B", help="comma-separated parameter fractions, e.g. 0.5,0.1"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split and training")
+    demo.add_argument("--json", action="store_true", help="print the rows as JSON")
+    demo.add_argument("--quiet", action="store_true", help="print nothing")
+    demo.set_defaults(handler=_demo)
+
+    comp = sub.add_parser(
+        "compress",
+        help="replace a saved model's linear layers by factorized ones",
+        description=(
+            "Compress MODEL with tensorize_ and save OUT/model.pt, OUT/tensorize_config.json "
+            "and OUT/report.json. MODEL is a torch.save'd nn.Module (.pt/.pth; this UNPICKLES "
+            "it, which can run arbitrary code: only use files you trust), a folder with "
+            "model.pt, or a Hugging Face model folder (loaded offline with "
+            "transformers.AutoModel). Options override --config."
+        ),
+    )
+    comp.add_argument("model", help="a .pt/.pth file or a model folder (trusted files only)")
+    comp.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    comp.add_argument(
+        "--factorization", "-f", metavar="F", help="cp, tucker, tt, blocktt, lowrank, dense"
+    )
+    comp.add_argument(
+        "--rank", "-r", metavar="R", help="fraction (0.5), int rank (8), ints (4,8,8) or 'same'"
+    )
+    comp.add_argument(
+        "--target-modules",
+        metavar="REGEX|NAMES",
+        help="a regex on qualified names (if it has one of \\^$*+?()[]{}|), else "
+        "comma-separated names or name suffixes; default: every nn.Linear",
+    )
+    comp.add_argument(
+        "--exclude-modules", metavar="REGEX|NAMES", help="as --target-modules, applied after it"
+    )
+    comp.add_argument(
+        "--joint",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="factorize together same-shaped layers of the same name in every block",
+    )
+    comp.add_argument("--rank-allocation", choices=("uniform", "budget"))
+    comp.add_argument(
+        "--order", type=int, metavar="N", help="modes per side when tensorizing (default 3)"
+    )
+    comp.add_argument(
+        "--min-params", type=int, metavar="N", help="leave smaller layers dense (default 1024)"
+    )
+    comp.add_argument(
+        "--config", metavar="JSON", help="a JSON file of TensorizeConfig fields (to_dict format)"
+    )
+    comp.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration inputs: a text file (one input a line, Hugging Face models) or a "
+        ".pt/.pth file of a tensor, dict of tensors or list of batches",
+    )
+    comp.add_argument(
+        "--calibration-steps", type=int, metavar="N", help="optimizer steps per layer"
+    )
+    comp.add_argument(
+        "--batch-size", type=int, default=16, metavar="N", help="calibration batch size"
+    )
+    comp.add_argument(
+        "--max-length", type=int, default=128, metavar="N", help="tokens per text input"
+    )
+    comp.add_argument("--json", action="store_true", help="print one JSON object, no table")
+    comp.add_argument("--quiet", action="store_true", help="print nothing (no progress bar)")
+    comp.set_defaults(handler=_compress)
+
+    insp = sub.add_parser("inspect", help="list a saved model's factorized layers and sizes")
+    insp.add_argument("path", help="a .pt file or a folder with model.pt (trusted files only)")
+    insp.add_argument("--json", action="store_true", help="print one JSON object")
+    insp.set_defaults(handler=_inspect)
+
     check = sub.add_parser("selfcheck", help="decompose a random weight with every format")
     check.add_argument("--size", type=int, default=256, help="weight is (size, size)")
     check.add_argument("--rank", type=float, default=0.25, help="parameter fraction")
-    args = parser.parse_args(argv)
-    if args.command == "selfcheck":
-        if args.size < 8:
-            parser.error(f"--size must be >= 8, got {args.size}")
-        if not 0 < args.rank <= 1:
-            parser.error(f"--rank must be in (0, 1], got {args.rank}")
-        ins, outs = tensorize_shape(args.size, args.size)
-        print(
-            f"weight {args.size}x{args.size} as out modes {outs} x in modes {ins}, "
-            f"budget {args.rank:g} of the dense parameters\n"
-        )
-        print(format_table(selfcheck(args.size, args.rank)))
-    return 0
+    check.set_defaults(handler=_selfcheck)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tensorized`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        return args.handler(args)
+    except CLIError as exc:
+        error, code = _one_line(exc), 2
+    except (ValueError, TypeError, ImportError) as exc:  # bad options caught by the library
+        if args.command not in ("compress", "inspect"):
+            raise
+        error, code = _one_line(exc), 2
+    except (RuntimeError, OSError) as exc:
+        if args.command not in ("compress", "inspect"):
+            raise
+        error, code = f"{type(exc).__name__}: {_one_line(exc)}", 1
+    print(f"tensorized {args.command}: error: {error}", file=sys.stderr)
+    return code
