@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._ops import frobenius_error
 from .linear import FactorizedLinear
 
 __all__ = ["CalibrationResult", "calibrate", "holdout_split", "record_inputs"]
@@ -412,13 +413,10 @@ def _restore(layer: nn.Module, state: list[Tensor]) -> None:
 
 @torch.no_grad()
 def _held_out_errors(layer: FactorizedLinear, problems: list[_Problem], dtype) -> list[float]:
-    errors = []
-    for i, prob in enumerate(problems):
-        Y_hat = layer(prob.X_held.to(dtype), i).to(F64)
-        norm = prob.Y_held.norm()
-        diff = (prob.Y_held - Y_hat).norm()
-        errors.append(float(diff / norm) if norm > 0 else float(diff))
-    return errors
+    return [
+        frobenius_error(prob.Y_held, layer(prob.X_held.to(dtype), i))
+        for i, prob in enumerate(problems)
+    ]
 
 
 def _bias(layer: FactorizedLinear, i: int) -> Tensor | None:

@@ -70,7 +70,7 @@ class FactorizedMatrix(nn.Module):
             self.n_layers,
             tuple(tuple(cores[k].shape) for k in range(len(cores))),
             self.strategies,
-            sum(p.numel() for p in self.parameters()),
+            self.num_params,
         )
         self.reset_parameters()
 
