@@ -4,6 +4,7 @@ from .formats import FactorizedMatrix, get_format
 from .linear import FactorizedLinear, LinearView
 from .plan import Plan
 from .ranks import RankBudgetWarning, param_count, resolve_rank
+from .serialize import load_config, load_model, save_model
 from .shapes import tensorize_shape
 from .transform import TensorizeConfig, TensorizeReport, tensorize_
 
@@ -16,8 +17,11 @@ __all__ = [
     "TensorizeConfig",
     "TensorizeReport",
     "get_format",
+    "load_config",
+    "load_model",
     "param_count",
     "resolve_rank",
+    "save_model",
     "tensorize_",
     "tensorize_shape",
 ]

@@ -1,0 +1,322 @@
+"""Save a model holding factorized layers to safetensors, and rebuild it in a fresh process.
+
+``save_model`` writes the weights (each shared tensor once) and, in the file's text metadata,
+the spec of every :class:`~tensorized.FactorizedLinear` (modes, format, concrete ranks,
+``n_layers``, bias) and where it sits in the model, plus the :class:`TensorizeConfig` if given.
+``load_model`` takes a freshly built *uncompressed* instance of the same architecture, puts
+empty factorized layers of the recorded specs at the recorded places (no decomposition, no
+pickled code) and loads the weights. safetensors is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from .linear import FactorizedLinear, LinearView
+from .transform import TensorizeConfig
+
+__all__ = ["load_config", "load_model", "save_model"]
+
+FORMAT_VERSION = "1"
+_PREFIX = "tensorized."  # metadata keys we own; user metadata may not start with it
+
+
+def _spec(layer: FactorizedLinear) -> dict[str, Any]:
+    """What the constructor needs to rebuild ``layer`` with the same parameter shapes."""
+    rank = layer.rank
+    return {
+        "in_modes": list(layer.in_tensorized_features),
+        "out_modes": list(layer.out_tensorized_features),
+        "factorization": layer.factorization,
+        "rank": list(rank) if isinstance(rank, tuple) else rank,
+        "n_layers": layer.n_layers,
+        "bias": layer.bias is not None,
+        "implementation": layer.implementation,
+        "checkpointing": layer.checkpointing,
+    }
+
+
+def _placements(model: nn.Module) -> tuple[dict[str, dict], list[dict[str, Any]]]:
+    """The factorized layers (``groups``, keyed by their first qualified name) and every place
+    one is registered (``places``: a layer itself, or a view of it with its index)."""
+    groups: dict[str, dict] = {}
+    group_of: dict[int, str] = {}
+    places: list[dict[str, Any]] = []
+    view_parents = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LinearView):
+            view_parents.add(f"{name}.parent" if name else "parent")
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LinearView):
+            layer, index = module.parent, module.index
+        elif isinstance(module, FactorizedLinear) and name not in view_parents:
+            layer, index = module, None
+        else:
+            continue
+        if id(layer) not in group_of:
+            group_of[id(layer)] = name
+            groups[name] = _spec(layer)
+        places.append({"name": name, "group": group_of[id(layer)], "index": index})
+    return groups, places
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict with each shared tensor stored once: ``(tensors, aliases)`` where
+    ``aliases[key]`` names the stored key holding the same tensor (views of a joint layer
+    register its parameters once per view)."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if t.numel() and ident in first:
+            aliases[key] = first[ident]
+            continue
+        first[ident] = key
+        # A copy: safetensors refuses tensors that share memory, and it writes from CPU.
+        tensors[key] = t.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    config: TensorizeConfig | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``model``'s weights and the specs of its factorized layers to a safetensors file.
+
+    The file is written to a temporary name beside ``path`` and then renamed, so an
+    interrupted save never leaves a truncated file at ``path``.
+
+    Args:
+        model: any module; its :class:`~tensorized.FactorizedLinear` layers and views (from
+            :func:`~tensorized.tensorize_` or built by hand) are recorded.
+        path: the ``.safetensors`` file to write.
+        config: the :class:`~tensorized.TensorizeConfig` the model was compressed with, kept
+            for the record (:func:`load_config` reads it back).
+        metadata: extra ``str -> str`` entries for the file header.
+
+    Raises:
+        TypeError: for a non-module ``model``, a ``config`` that is not a TensorizeConfig or
+            non-string metadata.
+        ValueError: for metadata keys starting with ``'tensorized.'`` (reserved).
+
+    Example:
+        >>> import tempfile, torch, tensorized as tz
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        >>> _ = tz.tensorize_(net, tz.TensorizeConfig(rank=0.5, order=2, progress=False))
+        >>> path = tempfile.mkdtemp() + "/net.safetensors"
+        >>> tz.save_model(net, path)
+        >>> fresh = tz.load_model(torch.nn.Sequential(torch.nn.Linear(64, 32)), path)
+        >>> x = torch.randn(3, 64)
+        >>> torch.equal(fresh(x), net(x))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, TensorizeConfig):
+        raise TypeError(f"config must be a TensorizeConfig or None, got {type(config).__name__}")
+    extra = dict(metadata or {})
+    for k, v in extra.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
+        if k.startswith(_PREFIX):
+            raise ValueError(f"metadata key {k!r} is reserved: keys starting with {_PREFIX!r}")
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    groups, places = _placements(model)
+    tensors, aliases = _unique_tensors(model)
+    header = {
+        **extra,
+        _PREFIX + "format": FORMAT_VERSION,
+        _PREFIX + "version": __version__,
+        _PREFIX + "groups": json.dumps(groups),
+        _PREFIX + "places": json.dumps(places),
+        _PREFIX + "aliases": json.dumps(aliases),
+    }
+    if config is not None:
+        try:
+            header[_PREFIX + "config"] = json.dumps(config.to_dict())
+        except TypeError as exc:
+            raise TypeError(f"config cannot be written as JSON: {exc}") from exc
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_header(path: str | os.PathLike) -> dict[str, str]:
+    """The file's metadata, checked to be ours; clear errors for missing or foreign files."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: {str(p)!r}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read {str(p)!r} as a safetensors file ({type(exc).__name__}: {exc}); "
+            "is it truncated or not a file written by tensorized.save_model?"
+        ) from exc
+    if header.get(_PREFIX + "format") != FORMAT_VERSION:
+        found = header.get(_PREFIX + "format")
+        raise ValueError(
+            f"{str(p)!r} was not written by tensorized.save_model (metadata "
+            f"'{_PREFIX}format' is {found!r}, expected {FORMAT_VERSION!r}); a plain "
+            "safetensors state dict loads with safetensors.torch.load_model"
+        )
+    return header
+
+
+def _json(header: Mapping[str, str], key: str, path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(header[_PREFIX + key])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r}: metadata '{_PREFIX}{key}' is missing or corrupt") from exc
+
+
+def load_config(path: str | os.PathLike) -> TensorizeConfig | None:
+    """The :class:`~tensorized.TensorizeConfig` recorded by :func:`save_model`, or ``None``."""
+    header = _read_header(path)
+    if _PREFIX + "config" not in header:
+        return None
+    return TensorizeConfig.from_dict(_json(header, "config", path))
+
+
+def _build_layer(spec: Mapping[str, Any], like: nn.Module, where: str) -> FactorizedLinear:
+    """An empty factorized layer of ``spec`` on ``like``'s device and dtype."""
+    try:
+        rank = spec["rank"]
+        rank = tuple(rank) if isinstance(rank, list) else rank
+        param = next(like.parameters(), None)
+        layer = FactorizedLinear(
+            tuple(spec["in_modes"]),
+            tuple(spec["out_modes"]),
+            spec["bias"],
+            spec["factorization"],
+            rank,
+            spec["n_layers"],
+            implementation=spec["implementation"],
+            checkpointing=spec["checkpointing"],
+            device=None if param is None else param.device,
+            dtype=None if param is None else param.dtype,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"cannot rebuild layer {where!r} from its saved spec {spec}: {exc}"
+        ) from exc
+    if layer.rank != rank:  # a concrete rank must come back exactly
+        raise ValueError(f"layer {where!r}: saved rank {rank} rebuilt as {layer.rank}")
+    return layer
+
+
+def _check_target(model: nn.Module, place: Mapping[str, Any], spec: Mapping[str, Any]) -> nn.Module:
+    """The module now at ``place['name']``: an ``nn.Linear`` (or factorized layer) of the
+    recorded feature counts."""
+    name = place["name"]
+    if not name:
+        raise ValueError(
+            "the saved model is itself a factorized layer: build it with FactorizedLinear(...) "
+            "and use load_state_dict (load_model replaces submodules)"
+        )
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as exc:
+        raise ValueError(
+            f"the saved model has a factorized layer at {name!r} but the given model has no "
+            f"submodule there: build the same architecture before loading"
+        ) from exc
+    out_f, in_f = math.prod(spec["out_modes"]), math.prod(spec["in_modes"])
+    if not isinstance(module, nn.Linear | FactorizedLinear | LinearView):
+        raise ValueError(f"{name!r} is a {type(module).__name__}; expected an nn.Linear there")
+    if (module.out_features, module.in_features) != (out_f, in_f):
+        raise ValueError(
+            f"{name!r} is ({module.out_features}, {module.in_features}) (out, in) in the given "
+            f"model but ({out_f}, {in_f}) in the saved one"
+        )
+    return module
+
+
+def load_model(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load a file written by :func:`save_model` into a fresh instance of the architecture.
+
+    Every recorded place gets a factorized layer of the recorded spec (views of one joint
+    layer share it again), then all weights are loaded with ``load_state_dict``. If anything
+    fails, the model's modules are put back as they were.
+
+    Args:
+        model: the same architecture as the saved model, uncompressed (e.g. ``MyNet()``) or
+            already holding factorized layers of the same specs.
+        path: a file written by :func:`save_model`.
+        strict: as in ``nn.Module.load_state_dict``: every key must match.
+
+    Returns:
+        ``model``, now holding the saved weights.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not ours, is corrupt, or does not fit ``model`` (the message
+            names the layer and the shapes).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    header = _read_header(path)
+    groups, places, aliases = (_json(header, k, path) for k in ("groups", "places", "aliases"))
+    built: dict[str, FactorizedLinear] = {}
+    swaps: list[tuple[str, nn.Module]] = []
+    for place in places:
+        group = place["group"]
+        if group not in groups:
+            raise ValueError(f"{str(path)!r}: place {place} names an unknown group")
+        target = _check_target(model, place, groups[group])
+        if group not in built:
+            built[group] = _build_layer(groups[group], target, group)
+        layer, index = built[group], place["index"]
+        swaps.append((place["name"], layer if index is None else LinearView(layer, index)))
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"cannot read the tensors of {str(path)!r}: {exc}") from exc
+    for key, source in aliases.items():
+        if source not in state:
+            raise ValueError(f"{str(path)!r}: alias {key!r} points to missing tensor {source!r}")
+        state[key] = state[source]
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for name, new in swaps:
+            done.append((name, model.get_submodule(name)))
+            _set_submodule(model, name, new)
+        model.load_state_dict(state, strict=strict)
+    except BaseException as exc:
+        for name, old in reversed(done):
+            _set_submodule(model, name, old)
+        if isinstance(exc, RuntimeError):  # load_state_dict's missing/unexpected/size errors
+            raise ValueError(f"{str(path)!r} does not fit the given model: {exc}") from exc
+        raise
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
