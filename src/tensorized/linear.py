@@ -380,6 +380,45 @@ class FactorizedLinear(nn.Module):
             linear.bias.copy_(self.bias if layer is None else self.bias[layer])
         return linear
 
+    # ------------------------------------------------------------------ TensorLy
+
+    def to_tensorly(self) -> Any:
+        """The weight as a TensorLy ``CPTensor`` / ``TuckerTensor`` / ``TTTensor`` /
+        ``TTMatrix`` (a dense tensor for 'dense') of shape ``([n_layers,] *out, *in)``, in
+        TensorLy's current backend; a detached copy. Needs ``tensorly`` (imported here only);
+        see :mod:`tensorized.interop` for the layout of the layer mode."""
+        from .interop import to_tensorly
+
+        return to_tensorly(self)
+
+    @classmethod
+    def from_tensorly(
+        cls,
+        tensor: Any,
+        in_tensorized_features: Sequence[int],
+        out_tensorized_features: Sequence[int],
+        bias: bool = True,
+        **kwargs: Any,
+    ) -> FactorizedLinear:
+        """A layer whose weight is a TensorLy factorized tensor (or a dense array).
+
+        The format and ranks follow ``tensor``'s type and factor shapes; a leading extra
+        mode is the layer mode (``n_layers``). The bias, if any, starts at zero.
+
+        Args:
+            tensor: shape ``([n_layers,] *out_tensorized_features, *in_tensorized_features)``.
+            in_tensorized_features: the input modes.
+            out_tensorized_features: the output modes.
+            bias: whether the layer has a bias.
+            **kwargs: ``device``, ``dtype`` (default: those of ``tensor``'s arrays),
+                ``implementation``, ``checkpointing``.
+        """
+        from .interop import from_tensorly
+
+        return from_tensorly(
+            cls, tensor, in_tensorized_features, out_tensorized_features, bias, **kwargs
+        )
+
     # ------------------------------------------------------------------ from dense layers
 
     @classmethod
