@@ -9,7 +9,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tensorized as tz
 from tensorized.formats import FORMATS
-from tensorized.plan import WeightShape, _copied_numel, gemms, make_plan, strategy_cost
+from tensorized.plan import (
+    ANY_BATCH,
+    WeightShape,
+    _copied_numel,
+    any_batch_strategy,
+    gemms,
+    make_plan,
+    strategy_cost,
+)
 
 F64 = torch.float64
 RANKS = {
@@ -199,3 +207,23 @@ def test_copies_match_the_code(fmt, strategy):
     with _CopyCounter() as counter:
         w.apply(strategy, x, operands, None)
     assert counter.numel == _copied_numel(WeightShape(*w.shape_signature), strategy, 7)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("fmt", ["cp", "tucker", "tt", "blocktt"])
+def test_any_batch_strategy_minimizes_the_worst_slowdown(fmt, training):
+    """What a compiled graph with a symbolic batch uses: brute force over the strategies."""
+    w = tz.FactorizedLinear((8, 8, 16), (16, 16, 16), factorization=fmt, rank=0.1).weight
+    opts = dict(training=training, dtype=torch.float32, device_type="cpu")
+    chosen = any_batch_strategy(w, **opts)
+    worst = {}
+    for s in w.strategies:
+        ratios = []
+        for b in ANY_BATCH:
+            costs = {
+                t: strategy_cost(w, t, b, torch.float32, "cpu", training) for t in w.strategies
+            }
+            ratios.append(costs[s].seconds / min(c.seconds for c in costs.values()))
+        worst[s] = max(ratios)
+    assert worst[chosen] == min(worst.values())
+    assert chosen == any_batch_strategy(WeightShape(*w.shape_signature), **opts)

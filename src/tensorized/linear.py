@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ._ops import frobenius_error
 from .formats import canonical_name, get_format
 from .formats.base import FactorizedMatrix
-from .plan import Plan, WeightShape, make_plan
+from .plan import Plan, WeightShape, any_batch_strategy, make_plan
 from .ranks import ConcreteRank, RankSpec
 from .shapes import Modes, factorize, tensorize_shape, validate_modes
 
@@ -57,11 +57,13 @@ def _resolve_modes(
 
 @torch.compiler.assume_constant_result
 def _planned_strategy(
-    signature: tuple, batch: int, grad: bool, dtype: torch.dtype, device_type: str
+    signature: tuple, batch: int | None, grad: bool, dtype: torch.dtype, device_type: str
 ) -> str:
     # Takes the weight's shape_signature (constants), not the module: older torch.compile
-    # versions cannot treat a module argument as a constant.
+    # versions cannot treat a module argument as a constant. batch=None: any batch size.
     shape = WeightShape(*signature)
+    if batch is None:
+        return any_batch_strategy(shape, training=grad, dtype=dtype, device_type=device_type)
     return make_plan(shape, batch, training=grad, dtype=dtype, device_type=device_type).chosen
 
 
@@ -287,9 +289,12 @@ class FactorizedLinear(nn.Module):
             return self.implementation
         if torch.compiler.is_compiling():
             # Planned while tracing (not traced): the choice is a constant of the graph. A
-            # compiled graph cannot keep the eager cache, so plan as if nothing is reused.
+            # compiled graph cannot keep the eager cache, so plan as if nothing is reused;
+            # and it may serve every batch size (dynamic=True, or dynamo's automatic dynamic
+            # shapes after a second size; traced code cannot tell a symbolic batch from a
+            # concrete one), so plan for all sizes: no guard on the batch, no recompile.
             signature = self.weight.shape_signature
-            return _planned_strategy(signature, int(batch), True, dtype, device_type)
+            return _planned_strategy(signature, None, True, dtype, device_type)
         key = (batch, grad, dtype, device_type)
         choice = self._plans.get(key)
         if choice is None:  # planned once per key; later calls are a dict lookup

@@ -398,3 +398,33 @@ def make_plan(
     }
     chosen = min(costs.values(), key=lambda c: c.seconds).name
     return Plan(weight.name, batch, training, dtype, device_type, chosen, costs)
+
+
+#: The batch sizes a graph compiled for every batch size (``torch.compile(dynamic=True)``)
+#: is planned over.
+ANY_BATCH = (1, 8, 64, 512, 4096)
+
+
+def any_batch_strategy(
+    weight: FactorizedMatrix | WeightShape,
+    *,
+    training: bool,
+    dtype: torch.dtype,
+    device_type: str,
+) -> str:
+    """The strategy for a graph that must serve any batch size: the one whose worst estimated
+    slowdown, against the best strategy at each size in :data:`ANY_BATCH`, is least.
+
+    Every strategy computes the same result; only its speed depends on the batch size, so a
+    compiled graph with a symbolic batch dimension takes this choice instead of guarding on
+    (and recompiling for) each batch size.
+    """
+    plans = [
+        make_plan(weight, b, training=training, dtype=dtype, device_type=device_type)
+        for b in ANY_BATCH
+    ]
+
+    def worst_slowdown(s: str) -> float:
+        return max(p.costs[s].seconds / p.costs[p.chosen].seconds for p in plans)
+
+    return min(plans[0].strategies, key=worst_slowdown)
