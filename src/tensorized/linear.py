@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -65,6 +66,12 @@ def _planned_strategy(
     if batch is None:
         return any_batch_strategy(shape, training=grad, dtype=dtype, device_type=device_type)
     return make_plan(shape, batch, training=grad, dtype=dtype, device_type=device_type).chosen
+
+
+def _tracing() -> bool:
+    """Whether a graph is being captured (torch.compile / torch.export, or the TorchScript
+    tracer of the legacy ONNX exporter)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 class FactorizedLinear(nn.Module):
@@ -287,11 +294,11 @@ class FactorizedLinear(nn.Module):
     def _strategy(self, batch: int, grad: bool, dtype, device_type) -> str:
         if self.implementation != "auto":
             return self.implementation
-        if torch.compiler.is_compiling():
+        if _tracing():
             # Planned while tracing (not traced): the choice is a constant of the graph. A
-            # compiled graph cannot keep the eager cache, so plan as if nothing is reused;
-            # and it may serve every batch size (dynamic=True, or dynamo's automatic dynamic
-            # shapes after a second size; traced code cannot tell a symbolic batch from a
+            # graph cannot keep the eager cache, so plan as if nothing is reused; and it may
+            # serve every batch size (dynamic=True, dynamo's automatic dynamic shapes after a
+            # second size, ONNX dynamic axes; traced code cannot tell a symbolic batch from a
             # concrete one), so plan for all sizes: no guard on the batch, no recompile.
             signature = self.weight.shape_signature
             return _planned_strategy(signature, None, True, dtype, device_type)
@@ -330,7 +337,7 @@ class FactorizedLinear(nn.Module):
         grad = self._grad_flows()
         x2d = x if x.ndim == 2 else x.reshape(-1, weight.in_features)
         strategy = self._strategy(x2d.shape[0], grad, x.dtype, x.device.type)
-        if grad or torch.compiler.is_compiling():
+        if grad or _tracing():  # a graph computes the operands from the parameters
             operands = weight.prepare(strategy, layer)
         else:
             operands = self._cached_operands(strategy, layer)
@@ -348,7 +355,16 @@ class FactorizedLinear(nn.Module):
         versions = tuple((id(p), p.data_ptr(), p._version) for p in self.weight.parameters())
         entry = self._operand_cache.get((strategy, layer))
         if entry is None or entry[0] != versions:
-            entry = (versions, self.weight.prepare(strategy, layer))
+            # Prepared at the parameters' precision, outside any autocast, so one entry
+            # serves float32 and autocast forwards alike (apply's products still autocast).
+            device_type = next(self.weight.parameters()).device.type
+            off = (
+                torch.autocast(device_type, enabled=False)
+                if torch.amp.is_autocast_available(device_type)
+                else contextlib.nullcontext()
+            )
+            with off:
+                entry = (versions, self.weight.prepare(strategy, layer))
             self._operand_cache[(strategy, layer)] = entry
         return entry[1]
 

@@ -9,8 +9,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..ranks import ConcreteRank, RankSpec, resolve_rank
+from ..ranks import ConcreteRank, RankSpec, param_count, resolve_rank
 from ..shapes import Modes, validate_modes
+
+#: Parameter counts above this (2**50, about 4 PiB in float32) are refused before allocating.
+MAX_PARAMS = 1 << 50
 
 
 class FactorizedMatrix(nn.Module):
@@ -51,12 +54,26 @@ class FactorizedMatrix(nn.Module):
         self.out_modes = validate_modes(out_modes, None, "out_modes")
         self.in_features = math.prod(self.in_modes)
         self.out_features = math.prod(self.out_modes)
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int):
+            raise TypeError(
+                f"n_layers must be an int >= 1, got {type(n_layers).__name__} {n_layers!r}"
+            )
+        if n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         self.n_layers = n_layers
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype (or None), got {dtype!r}")
         self.rank: ConcreteRank = resolve_rank(
             self.name, self.in_modes, self.out_modes, rank, n_layers
         )
+        count = param_count(self.name, self.in_modes, self.out_modes, self.rank, n_layers)
+        if count > MAX_PARAMS:  # fail before torch's allocator (its sizes overflow at 2**63)
+            raise ValueError(
+                f"factorization={self.name!r} with in modes {self.in_modes}, out modes "
+                f"{self.out_modes}, n_layers={n_layers} and rank={self.rank} needs {count:.3g} "
+                f"parameters, more than the {MAX_PARAMS:.3g} any machine can hold: use a "
+                f"smaller rank (or a format that compresses more)"
+            )
         factory = {"device": device, "dtype": dtype}
         self._build(factory)
         # Shapes never change after construction; kept as plain constants so that planning
@@ -162,11 +179,18 @@ class FactorizedMatrix(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def check_input(self, x: Tensor) -> None:
-        """Raise a ``ValueError`` unless ``x`` is ``(..., in_features)``."""
+        """Raise a ``ValueError`` unless ``x`` is ``(..., in_features)``, a ``TypeError`` if its
+        dtype differs from the parameters' (outside autocast, which casts them itself)."""
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have in_features={self.in_features} features in its last dim, got "
                 f"input shape {tuple(x.shape)}"
+            )
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the weight's parameters are {dtype}: convert one "
+                f"(x.to({dtype}) or layer.to({x.dtype}))"
             )
 
     # Every strategy is split in two: ``prepare`` does the work that depends on the weight
@@ -275,6 +299,8 @@ class FactorizedMatrix(nn.Module):
                 f"matrix must have shape (out, in) or (n_layers, out, in), got "
                 f"{tuple(matrix.shape)}"
             )
+        if matrix.ndim == 3 and matrix.shape[0] == 0:
+            raise ValueError(f"matrix of shape {tuple(matrix.shape)} holds no layer (n_layers=0)")
         n_layers = matrix.shape[0] if matrix.ndim == 3 else 1
         out_modes = validate_modes(out_modes, matrix.shape[-2], "out_modes")
         in_modes = validate_modes(in_modes, matrix.shape[-1], "in_modes")
@@ -337,4 +363,6 @@ def two_gemms(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Te
 
 
 def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
-    return y if bias is None else y + bias
+    # Under autocast y has the autocast dtype and the bias does not: cast the bias, as
+    # F.linear does, rather than promote the output back to the parameters' dtype.
+    return y if bias is None else y + bias.to(y.dtype)
