@@ -48,14 +48,14 @@ class TuckerMatrix(FactorizedMatrix):
     def _apply_factorized(self, x: Tensor, core: Tensor, *factors: Tensor, bias=None) -> Tensor:
         # Mode by mode, always on the last axis so each step is one plain GEMM; the new axis
         # is then rotated to the front (after the batch), which after all modes restores the
-        # original order.
+        # original order. (Non-negative dims: the legacy ONNX exporter rejects movedim(-1, .).)
         m, batch = len(self.out_modes), x.shape[0]
         t = x.reshape(batch, *self.in_modes)
         for f in reversed(factors[m:]):  # project onto the in-factors: i_k -> r_k
-            t = mode_dot(t, f.T, t.ndim - 1).movedim(-1, 1)
+            t = mode_dot(t, f.T, t.ndim - 1).movedim(t.ndim - 1, 1)
         t = (t.reshape(batch, -1) @ core.T).reshape(batch, *self.rank[:m])
         for f in reversed(factors[:m]):  # expand with the out-factors: r_k -> o_k
-            t = mode_dot(t, f, t.ndim - 1).movedim(-1, 1)
+            t = mode_dot(t, f, t.ndim - 1).movedim(t.ndim - 1, 1)
         return add_bias(t.reshape(batch, self.out_features), bias)
 
     def _prepare_kron(self, layer: int | None) -> tuple[Tensor, ...]:
