@@ -188,12 +188,21 @@ def _check_data(data: object) -> None:
 
 
 def _call(model: nn.Module, item: object, k: int) -> None:
-    if isinstance(item, Tensor):
-        model(item)
-    elif isinstance(item, Mapping):
-        model(**item)
-    elif isinstance(item, tuple | list):
-        model(*item)
+    if isinstance(item, Tensor | Mapping | tuple | list):
+        try:
+            if isinstance(item, Tensor):
+                model(item)
+            elif isinstance(item, Mapping):
+                model(**item)
+            else:
+                model(*item)
+        except (RuntimeError, ValueError, TypeError) as exc:  # re-raised naming the batch
+            message = f"calibration_data[{k}]: the model raised on this batch: {exc}"
+            try:
+                new = type(exc)(message)
+            except Exception:
+                new = RuntimeError(message)
+            raise new from exc
     else:
         raise TypeError(
             f"calibration_data[{k}] must be a Tensor (model(x)), a tuple or list of positional "

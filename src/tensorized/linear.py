@@ -302,6 +302,7 @@ class FactorizedLinear(nn.Module):
             # concrete one), so plan for all sizes: no guard on the batch, no recompile.
             signature = self.weight.shape_signature
             return _planned_strategy(signature, None, True, dtype, device_type)
+        batch = max(batch, 1)  # an empty batch costs nothing: plan it like one row
         key = (batch, grad, dtype, device_type)
         choice = self._plans.get(key)
         if choice is None:  # planned once per key; later calls are a dict lookup
@@ -578,6 +579,9 @@ class FactorizedLinear(nn.Module):
                 "in_tensorized_features and out_tensorized_features are required when "
                 "auto_tensorize=False"
             )
+        modes = n_tensorized_modes
+        if isinstance(modes, bool) or not isinstance(modes, int) or modes < 1:
+            raise ValueError(f"n_tensorized_modes must be an int >= 1, got {modes!r}")
         if decomposition_kwargs is not None and not isinstance(decomposition_kwargs, dict):
             raise TypeError(
                 f"decomposition_kwargs must be a dict, got {type(decomposition_kwargs).__name__}"
@@ -589,6 +593,10 @@ class FactorizedLinear(nn.Module):
         )
         validate_modes(in_modes, in_features, "in_tensorized_features")
         validate_modes(out_modes, out_features, "out_tensorized_features")
+        for k, lin in enumerate(linears):
+            if not torch.isfinite(lin.weight).all():
+                where = f"linear_list[{k}]" if joint else "linear"
+                raise ValueError(f"{where}.weight contains NaN or Inf values; cannot decompose it")
         W = torch.stack([lin.weight.detach() for lin in linears]) if joint else source.detach()
         start = time.perf_counter()
         fmt = get_format(factorization)

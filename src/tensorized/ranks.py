@@ -93,6 +93,11 @@ def param_count(
     fmt: str, in_modes: Modes, out_modes: Modes, rank: ConcreteRank, n_layers: int = 1
 ) -> int:
     """Exact number of parameters of a format at concrete ``rank`` (bias not included)."""
+    if rank is None and fmt != "dense":  # a user rank ('same', a float) is not concrete
+        raise TypeError(
+            f"param_count needs the concrete rank of factorization={fmt!r} (resolve_rank "
+            f"gives it), got rank=None"
+        )
     n_in, n_out = math.prod(in_modes), math.prod(out_modes)
     if fmt == "dense":
         return n_layers * n_out * n_in

@@ -15,13 +15,18 @@ __all__ = ["Modes", "factorize", "tensorize_shape", "validate_modes"]
 Modes = tuple[int, ...]
 
 
+# Trial division stops here, so a huge prime (e.g. 2**61 - 1) cannot hang the split: a
+# cofactor left above it is kept whole (then it may be composite; the product stays exact).
+_TRIAL_LIMIT = 1 << 16
+
+
 def _prime_factors(n: int) -> list[int]:
     factors, p = [], 2
-    while p * p <= n:
+    while p * p <= n and p <= _TRIAL_LIMIT:
         while n % p == 0:
             factors.append(p)
             n //= p
-        p += 1
+        p += 1 if p == 2 else 2
     if n > 1:
         factors.append(n)
     return factors

@@ -159,16 +159,23 @@ class TensorizeConfig:
                 _check_int(name, getattr(self, name), low)
         _check_int("calibration_rows", self.calibration_rows, 1)
         strategies = ("auto", *get_format(self.factorization).strategies)
+        if not isinstance(self.implementation, str):
+            raise _bad("implementation", self.implementation, f"one of {strategies}", TypeError)
         if self.implementation not in strategies:
             raise _bad("implementation", self.implementation, f"one of {strategies}")
         if not isinstance(self.joint, bool):
             raise _bad("joint", self.joint, "a bool", TypeError)
         if self.progress is not None and not isinstance(self.progress, bool):
             raise _bad("progress", self.progress, "None or a bool", TypeError)
+        if not isinstance(self.rank_allocation, str):
+            raise _bad("rank_allocation", self.rank_allocation, "'uniform' or 'budget'", TypeError)
         if self.rank_allocation not in ("uniform", "budget"):
             raise _bad("rank_allocation", self.rank_allocation, "'uniform' or 'budget'")
         if self.rank_allocation == "budget" and self.factorization == "dense":
             raise _bad("rank_allocation", "budget", "'uniform' with factorization='dense'")
+        if self.factorization == "dense" and self.rank not in ("same", 1.0):
+            # caught here rather than at the first layer of tensorize_
+            raise _bad("rank", self.rank, "'same' (or 1.0) with factorization='dense'")
         kwargs = self.decomposition_kwargs
         if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
             raise _bad("decomposition_kwargs", kwargs, "a dict with str keys", TypeError)
