@@ -276,7 +276,18 @@ FROM_LINEAR_CASES = [
      r"linear_list\[1\].*NaN"),
     ("list-modes-mismatch", lambda: from_list([nn.Linear(16, 16)] * 2, outs=(4, 8)), ValueError,
      r"out_tensorized_features=\(4, 8\) multiplies to 32"),
+    ("list-dtypes-differ", lambda: from_list([nn.Linear(16, 16), nn.Linear(16, 16).double()]),
+     ValueError, r"linear_list\[0\] is torch\.float32 on cpu but linear_list\[1\] is "
+     r"torch\.float64"),
+    ("nan-bias", lambda: from_linear(nan_bias_linear()), ValueError, r"linear\.bias .*NaN"),
 ]  # fmt: skip
+
+
+def nan_bias_linear() -> nn.Linear:
+    lin = nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.bias[3] = float("nan")
+    return lin
 
 
 @pytest.mark.parametrize(
@@ -297,6 +308,12 @@ def test_absurd_int_rank_is_clipped_to_an_exact_format():
     assert layer.rank == (3, 4, 4, 4)
     x = torch.randn(5, 16, dtype=F64)
     torch.testing.assert_close(layer(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-10)
+
+
+def test_numpy_int_rank_is_an_int_rank():
+    np = pytest.importorskip("numpy")
+    a = FL((4, 4), (4, 4), factorization="tt", rank=np.int64(2))
+    assert a.rank == FL((4, 4), (4, 4), factorization="tt", rank=2).rank == (2, 2, 2)
 
 
 def test_tensor_index_of_one_element_matches_the_int_index():
@@ -730,6 +747,8 @@ SAVE_CASES = [
      r"metadata must map str to str, got 'a': int"),
     ("missing-folder", lambda p: tz.save_model(small_net(), p.parent / "nodir" / "x.st"),
      FileNotFoundError, r"nodir"),
+    ("load-a-folder", lambda p: tz.load_model(small_net(), p.parent), IsADirectoryError,
+     r"is a folder; give the \.safetensors file"),
     ("load-model-none", lambda p: tz.load_model(None, p), TypeError,
      r"model must be a torch\.nn\.Module, got NoneType"),
     ("load-config-random", lambda p: tz.load_config(p.parent / "random.safetensors"),

@@ -529,6 +529,7 @@ class FactorizedLinear(nn.Module):
         linear_list = list(linear_list)
         if not linear_list:
             raise ValueError("linear_list is empty; give at least one nn.Linear")
+        source = linear_list[0].weight
         for k, lin in enumerate(linear_list):
             if not isinstance(lin, nn.Linear):
                 raise TypeError(f"linear_list[{k}] must be an nn.Linear, got {type(lin).__name__}")
@@ -537,6 +538,12 @@ class FactorizedLinear(nn.Module):
                     f"all layers must have the same shape: linear_list[0] is "
                     f"{tuple(linear_list[0].weight.shape)} (out, in) but linear_list[{k}] is "
                     f"{tuple(lin.weight.shape)}"
+                )
+            if (lin.weight.dtype, lin.weight.device) != (source.dtype, source.device):
+                raise ValueError(
+                    f"all layers must have the same dtype and device: linear_list[0] is "
+                    f"{source.dtype} on {source.device} but linear_list[{k}] is "
+                    f"{lin.weight.dtype} on {lin.weight.device}"
                 )
         return cls._from_weights(
             linear_list,
@@ -594,9 +601,11 @@ class FactorizedLinear(nn.Module):
         validate_modes(in_modes, in_features, "in_tensorized_features")
         validate_modes(out_modes, out_features, "out_tensorized_features")
         for k, lin in enumerate(linears):
+            where = f"linear_list[{k}]" if joint else "linear"
             if not torch.isfinite(lin.weight).all():
-                where = f"linear_list[{k}]" if joint else "linear"
                 raise ValueError(f"{where}.weight contains NaN or Inf values; cannot decompose it")
+            if bias and lin.bias is not None and not torch.isfinite(lin.bias).all():
+                raise ValueError(f"{where}.bias contains NaN or Inf values")
         W = torch.stack([lin.weight.detach() for lin in linears]) if joint else source.detach()
         start = time.perf_counter()
         fmt = get_format(factorization)

@@ -26,6 +26,7 @@ what each mode can carry) or a tuple of concrete ranks.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -166,6 +167,8 @@ def resolve_rank(
             f"got {rank!r}"
         )
     caps = rank_caps(fmt, in_modes, out_modes, n_layers)
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+        rank = int(rank)  # e.g. numpy.int64
     if isinstance(rank, bool):
         raise TypeError(f"rank must be 'same', a float, an int or a tuple, got {rank!r}")
     if isinstance(rank, int):

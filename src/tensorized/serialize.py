@@ -152,6 +152,8 @@ def save_model(
         except TypeError as exc:
             raise TypeError(f"config cannot be written as JSON: {exc}") from exc
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: no such folder {str(path.parent)!r}")
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
@@ -165,6 +167,8 @@ def save_model(
 def _read_header(path: str | os.PathLike) -> dict[str, str]:
     """The file's metadata, checked to be ours; clear errors for missing or foreign files."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{str(p)!r} is a folder; give the .safetensors file in it")
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {str(p)!r}")
     from safetensors import safe_open
