@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import tensorized as tz
 from tensorized import FactorizedLinear, LinearView, TensorizeConfig
 from tensorized.cli import CLIError, main, parse_modules, parse_rank
 
@@ -374,6 +375,15 @@ def test_compress_hugging_face_folder_with_text_calibration(tiny_bert, capsys):
     assert rel_error(reference, hidden) < 1.0
     code, stdout, _ = run(capsys, "inspect", tmp / "out")
     assert code == 0 and "encoder.layer.1.output.dense" in stdout
+    # the pickle-free copy: the original architecture, then load_model
+    from transformers import AutoModel
+
+    fresh = tz.load_model(AutoModel.from_pretrained(tmp / "hf"), tmp / "out" / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(**batch).last_hidden_state, hidden)
+    assert tz.load_config(tmp / "out" / "model.safetensors") == tz.TensorizeConfig.from_dict(
+        result["config"]
+    )
 
 
 def test_hugging_face_folder_needs_transformers(tiny_bert, capsys, monkeypatch):

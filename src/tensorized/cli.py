@@ -24,6 +24,7 @@ from ._loading import CLIError, _one_line, load_calibration, load_model
 from ._ops import frobenius_error
 from .formats import FORMATS
 from .linear import FactorizedLinear, LinearView
+from .serialize import save_model
 from .shapes import tensorize_shape
 
 __all__ = ["CLIError", "format_table", "inspect_model", "main", "parse_rank", "selfcheck"]
@@ -175,8 +176,10 @@ def _compress(args: argparse.Namespace) -> int:
         report = tensorize_(model, config, calibration_data=data)
     notes = list(dict.fromkeys(_one_line(w.message) for w in caught))
     out.mkdir(parents=True, exist_ok=True)
-    files = {n: out / n for n in ("model.pt", "tensorize_config.json", "report.json")}
+    names = ("model.pt", "model.safetensors", "tensorize_config.json", "report.json")
+    files = {n: out / n for n in names}
     torch.save(model, files["model.pt"])
+    save_model(model, files["model.safetensors"], config=config)  # no pickle: load_model
     result = {
         "model": str(args.model),
         "config": config.to_dict(),
@@ -399,11 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compress",
         help="replace a saved model's linear layers by factorized ones",
         description=(
-            "Compress MODEL with tensorize_ and save OUT/model.pt, OUT/tensorize_config.json "
-            "and OUT/report.json. MODEL is a torch.save'd nn.Module (.pt/.pth; this UNPICKLES "
-            "it, which can run arbitrary code: only use files you trust), a folder with "
-            "model.pt, or a Hugging Face model folder (loaded offline with "
-            "transformers.AutoModel). Options override --config."
+            "Compress MODEL with tensorize_ and save OUT/model.pt, OUT/model.safetensors "
+            "(weights and layer specs for tensorized.load_model, no pickle), "
+            "OUT/tensorize_config.json and OUT/report.json. MODEL is a torch.save'd "
+            "nn.Module (.pt/.pth; this UNPICKLES it, which can run arbitrary code: only use "
+            "files you trust), a folder with model.pt, or a Hugging Face model folder "
+            "(loaded offline with transformers.AutoModel). Options override --config."
         ),
     )
     comp.add_argument("model", help="a .pt/.pth file or a model folder (trusted files only)")
