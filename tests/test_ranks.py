@@ -1,10 +1,13 @@
 import math
+import sys
 import warnings
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import tensorized as tz
 from tensorized.formats import FORMATS
 from tensorized.ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
 
@@ -157,3 +160,12 @@ def test_unknown_format_and_mismatched_blocktt():
         resolve_rank("foo", (4, 4), (4, 4), 0.5)
     with pytest.raises(ValueError, match=r"as many in modes as out modes.*\(4, 4\).*\(16,\)"):
         resolve_rank("blocktt", (4, 4), (16,), 0.5)
+
+
+def test_budget_warning_points_at_the_callers_line():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tz.FactorizedLinear((4, 4), (4, 4), factorization="cp", rank=0.5)
+        line = sys._getframe().f_lineno - 1
+        tz.FactorizedLinear.from_linear(nn.Linear(16, 16), (4, 4), (4, 4), 0.5)
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line), (__file__, line + 2)]

@@ -109,7 +109,8 @@ def record_inputs(
 
     Raises:
         TypeError: for bad ``modules``, a ``calibration_data`` that is not an iterable of
-            batches, or an item of the wrong type. ValueError: for no batches, bad max_rows.
+            batches, or an item of the wrong type.
+        ValueError: for no batches, bad max_rows.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -260,7 +260,10 @@ class FactorizedLinear(nn.Module):
 
         Args:
             batch_size: rows of the input (all leading dims together).
-            training: whether gradients will flow; defaults to ``self.training``.
+            training: whether autograd records the weight (then nothing can be cached);
+                defaults to what ``forward`` would see now: grad mode enabled and a factor
+                requiring grad, whatever ``self.training`` is (an ``eval()`` layer called
+                outside ``torch.no_grad()`` still records gradients).
             dtype: compute dtype; defaults to the parameters'.
             device: defaults to the parameters'.
 
@@ -274,7 +277,7 @@ class FactorizedLinear(nn.Module):
         plan = make_plan(
             self.weight,
             batch_size,
-            training=self.training if training is None else training,
+            training=self._grad_flows() if training is None else training,
             dtype=dtype or param.dtype,
             device_type=device_type,
         )

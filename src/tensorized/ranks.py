@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -117,6 +119,16 @@ def param_count(
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMAT_NAMES}")
 
 
+def _user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first caller outside this package, so that a
+    warning points at the user's line whichever public function was called."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(2)  # 1 would be our caller (the function that warns)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def resolve_rank(
     fmt: str, in_modes: Modes, out_modes: Modes, rank: RankSpec, n_layers: int = 1
 ) -> ConcreteRank:
@@ -135,10 +147,10 @@ def resolve_rank(
 
     Raises:
         ValueError: for an invalid rank, or a float budget outside what the format can reach.
+        TypeError: for a rank of the wrong type.
 
     Warns:
         RankBudgetWarning: when the nearest parameter count is more than 5% off a float rank.
-        TypeError: for a rank of the wrong type.
 
     Example:
         >>> resolve_rank("cp", (8, 8), (8, 8), 0.5)
@@ -257,7 +269,7 @@ def _from_budget(
             f"{dense}): its ranks move the count in coarse steps here; {span}. Give explicit "
             f"ranks to choose another point",
             RankBudgetWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
     return best
 
