@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 import tensorized as tz
+from tensorized.plan import any_batch_strategy
 from tensorized.ranks import RankBudgetWarning
 
 try:
@@ -459,6 +460,7 @@ class CompileRow:
     linear: Timing | None = None
     eager: Timing | None = None
     compiled: Timing | None = None
+    strategies: str = ""  # eager's choice at the batch / the compiled graph's (any batch)
     error: str = ""
 
 
@@ -493,6 +495,13 @@ def run_compile(cfg: Config) -> list[CompileRow]:
             }
             t = time_interleaved(steps, cfg.budget_s, sync)
             row.linear, row.eager, row.compiled = t["linear"], t["eager"], t["compiled"]
+            eager.train(train)
+            with torch.set_grad_enabled(train):
+                chosen = eager.implementation_for(batch)
+            graph = any_batch_strategy(
+                eager.weight, training=True, dtype=x.dtype, device_type=x.device.type
+            )
+            row.strategies = f"{chosen} / {graph}"
     return rows
 
 
@@ -578,17 +587,18 @@ def compile_table(rows: list[CompileRow]) -> list[str]:
         f"`torch.compile(layer, fullgraph=True)`, {in_f}x{out_f}, ratio {ratio}, batch {batch}, "
         "implementation 'auto':",
         "",
-        "| format | mode | first call s | nn.Linear us | eager us | compiled us | "
-        "compiled/eager | status |",
-        "|---|---|---|---|---|---|---|---|",
+        "| format | mode | strategy eager / compiled | first call s | nn.Linear us | eager us "
+        "| compiled us | compiled/eager | status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.fmt} | {r.mode} | - | - | - | - | - | fails: {r.error} |")
+            lines.append(f"| {r.fmt} | {r.mode} | - | - | - | - | - | - | fails: {r.error} |")
             continue
         speedup = r.compiled.seconds / r.eager.seconds if r.compiled.ok and r.eager.ok else None
         lines.append(
-            f"| {r.fmt} | {r.mode} | {r.compile_s:.1f} | {fmt_us(r.linear)} | {fmt_us(r.eager)} "
+            f"| {r.fmt} | {r.mode} | {r.strategies} | {r.compile_s:.1f} | {fmt_us(r.linear)} "
+            f"| {fmt_us(r.eager)} "
             f"| {fmt_us(r.compiled)} | {fmt_x(speedup)} | ok |"
         )
     return lines
