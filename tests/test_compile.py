@@ -94,3 +94,15 @@ def test_inductor_dynamic_batch_with_marked_dim(fmt):
         torch._dynamo.mark_dynamic(x, 0)
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
     assert _graphs() == 1
+
+
+def test_planner_carries_the_marker_of_the_public_decorator():
+    from tensorized.linear import _planned_strategy
+
+    def probe():
+        return 0
+
+    before = set(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    marker = set(vars(probe)) - before
+    assert marker and all(getattr(_planned_strategy, k) == getattr(probe, k) for k in marker)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -74,6 +74,19 @@ def _generator(generator: torch.Generator | None, device: torch.device) -> torch
     if generator is not None:
         return generator
     return torch.Generator(device=device).manual_seed(0)
+
+
+def _pow2_scale(X: Tensor) -> float:
+    """A power of two near ``max |X|`` when that lies outside ``[2^-64, 2^64]``, else 1.
+
+    Dividing by it is exact, and it keeps the squares below (Gram matrices, squared norms)
+    from overflowing to Inf or underflowing to 0 on extreme float64 inputs (and float32
+    GEMMs out of slow subnormals). Inputs in the usual range are left bit-for-bit alone.
+    """
+    m = float(torch.linalg.vector_norm(X, math.inf)) if X.numel() else 0.0  # no |X| copy
+    if m == 0 or 2.0**-64 <= m <= 2.0**64:
+        return 1.0
+    return math.ldexp(1.0, min(max(math.frexp(m)[1], -1000), 1000))
 
 
 def _check_tensor(tensor: object, name: str = "tensor") -> None:
@@ -184,7 +197,7 @@ def _leading_subspace(matrix: Tensor, rank: int, generator) -> Tensor:
 
 
 def lowrank(
-    matrix: Tensor, rank: int, *, dtype: torch.dtype = torch.float64, **svd_kwargs
+    matrix: Tensor, rank: int, *, dtype: torch.dtype = torch.float64, **svd_kwargs: Any
 ) -> LowRankMatrix:
     """Truncated SVD of a matrix or a batch of matrices (leading layer mode).
 
@@ -202,6 +215,17 @@ def lowrank(
 
 
 # --------------------------------------------------------------------------- CP
+
+
+def _check_iterations(n_iter_max: object, tol: object) -> None:
+    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int):
+        raise TypeError(
+            f"n_iter_max must be an int >= 0, got {type(n_iter_max).__name__} {n_iter_max!r}"
+        )
+    if n_iter_max < 0:
+        raise ValueError(f"n_iter_max must be an int >= 0, got {n_iter_max}")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
 
 
 def cp_als(
@@ -240,6 +264,7 @@ def cp_als(
         raise ValueError(f"cp_als needs a tensor of order >= 2, got shape {tuple(tensor.shape)}")
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    _check_iterations(n_iter_max, tol)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     shape, d = tuple(tensor.shape), tensor.ndim
@@ -252,6 +277,9 @@ def cp_als(
             f"another format ('tucker', 'tt', 'blocktt'); pass max_iter_flops=None to run anyway"
         )
     X = tensor.to(dtype)
+    scale = _pow2_scale(X)
+    if scale != 1:
+        X = X / scale
     gen = _generator(generator, X.device)
     norm_x = X.norm()
     factors = _cp_init(X, rank, init, gen)
@@ -263,15 +291,22 @@ def cp_als(
     # The two big tensor-times-Khatri-Rao GEMMs dominate the cost; a float32 input has only
     # 7 digits to fit, so they run in its precision (2x faster), the rest in ``dtype``.
     gemm_dtype = tensor.dtype if tensor.dtype == torch.float32 else dtype
-    Xm = tensor.reshape(left, right).to(gemm_dtype)
+    Xm = (tensor if scale == 1 else X).reshape(left, right).to(gemm_dtype)
+    # The error expansion below carries the GEMMs' rounding, ~eps / err: near 1e-8 in
+    # float64 but 3e-4 in float32 (where it would stall the stopping test on noise), so
+    # under this bound the error is measured directly, in the GEMMs' dtype.
+    direct_below = 1e-5 if gemm_dtype == torch.float64 else 0.25
     grams = [f.T @ f for f in factors]
     errors: list[float] = []
     for _ in range(n_iter_max):
-        for lo, hi, partial in (
-            (0, s, lambda: Xm @ khatri_rao(factors[s:]).to(gemm_dtype)),
-            (s, d, lambda: Xm.T @ khatri_rao(factors[:s]).to(gemm_dtype)),
-        ):
-            Z = partial().to(dtype).reshape(*shape[lo:hi], rank)
+        for lo, hi in ((0, s), (s, d)):
+            # Contract with the other half's factors as they are now (the first half's are
+            # already updated when the second half's turn comes).
+            if lo == 0:
+                partial = Xm @ khatri_rao(factors[s:]).to(gemm_dtype)
+            else:
+                partial = Xm.T @ khatri_rao(factors[:s]).to(gemm_dtype)
+            Z = partial.to(dtype).reshape(*shape[lo:hi], rank)
             # V_k = (new grams before k) * (old grams after k): one running prefix product
             # and suffix products taken once per half, instead of d products per mode.
             suffix = [None] * (hi - lo)
@@ -293,13 +328,21 @@ def cp_als(
         inner = (weights * (factors[-1] * mttkrp).sum(0)).sum()
         norm_hat_sq = weights @ _hadamard(grams) @ weights
         err = float((norm_x**2 - 2 * inner + norm_hat_sq).clamp_min(0).sqrt() / norm_x)
-        if err < 1e-5:  # the expansion above cancels to noise near 1e-8: measure directly
-            rec = (khatri_rao(factors[:s]) * weights) @ khatri_rao(factors[s:]).T
-            err = float((X.reshape(left, right) - rec).norm() / norm_x)
+        if err < direct_below:  # the expansion above cancels to noise: measure directly
+            rec = (khatri_rao(factors[:s]) * weights).to(gemm_dtype)
+            rec = rec @ khatri_rao(factors[s:]).to(gemm_dtype).T
+            err = float((Xm - rec).to(dtype).norm() / norm_x)  # float32 squares underflow
         errors.append(err)
+        if gemm_dtype != dtype and len(errors) > 1 and err > errors[-2] + 1e-5:
+            # ALS never raises the error in exact arithmetic: a rise beyond the float32
+            # GEMMs' rounding means that rounding drives the iteration (ill-conditioned
+            # normal equations, e.g. a rank above the data's, where components blow up and
+            # cancel): finish in ``dtype``.
+            gemm_dtype, direct_below, Xm = dtype, 1e-5, X.reshape(left, right)
+            continue
         if len(errors) > 1 and abs(errors[-2] - err) < tol:
             break
-    return CPTensor(weights, factors, errors)
+    return CPTensor(weights * scale, factors, errors)
 
 
 def _cp_init(X: Tensor, rank: int, init: str, gen: torch.Generator) -> list[Tensor]:
@@ -386,7 +429,11 @@ def tucker(
         )
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    _check_iterations(n_iter_max, tol)
     X = tensor.to(dtype)
+    scale = _pow2_scale(X)
+    if scale != 1:
+        X = X / scale
     gen = _generator(generator, X.device)
     modes = [k for k, r in enumerate(ranks) if r is not None]
     factors: list[Tensor | None] = [None] * X.ndim
@@ -412,7 +459,7 @@ def tucker(
         errors.append(_tucker_error(core, norm_x))
         if abs(errors[-2] - errors[-1]) < tol:
             break
-    return TuckerTensor(core, factors, errors)
+    return TuckerTensor(core * scale, factors, errors)
 
 
 def _project(X: Tensor, factors: Sequence[Tensor | None], skip: int | None = None) -> Tensor:
@@ -441,7 +488,7 @@ def tensor_train(
     ranks: Sequence[int],
     *,
     dtype: torch.dtype = torch.float64,
-    **svd_kwargs,
+    **svd_kwargs: Any,
 ) -> list[Tensor]:
     """TT-SVD: a tensor train with cores ``(r_{k-1}, n_k, r_k)``, ``r_0 = r_d = 1``.
 
@@ -480,7 +527,7 @@ def tensor_train_matrix(
     ranks: Sequence[int],
     *,
     dtype: torch.dtype = torch.float64,
-    **svd_kwargs,
+    **svd_kwargs: Any,
 ) -> list[Tensor]:
     """TT-matrix SVD of a tensor ``([L,] out_1..out_m, in_1..in_m)``.
 

@@ -308,7 +308,11 @@ class FactorizedMatrix(nn.Module):
             raise TypeError(f"matrix must have a floating dtype, got {matrix.dtype}")
         if not torch.isfinite(matrix).all():
             raise ValueError("matrix contains NaN or Inf values; cannot decompose it")
-        module = cls(in_modes, out_modes, rank, n_layers, device=matrix.device, dtype=matrix.dtype)
+        # The random init is overwritten below: keep it off the caller's RNG stream.
+        with torch.random.fork_rng(devices=[matrix.device] if matrix.is_cuda else []):
+            module = cls(
+                in_modes, out_modes, rank, n_layers, device=matrix.device, dtype=matrix.dtype
+            )
         tensor = matrix.reshape(*((n_layers,) if n_layers > 1 else ()), *out_modes, *in_modes)
         with torch.no_grad():
             factors = module._decompose(tensor.detach(), **decomposition_kwargs)
