@@ -97,7 +97,7 @@ def test_inductor_dynamic_batch_with_marked_dim(fmt):
 
 
 def test_planner_carries_the_marker_of_the_public_decorator():
-    from tensorized.linear import _planned_strategy
+    from tensorized.plan import planned_strategy
 
     def probe():
         return 0
@@ -105,4 +105,4 @@ def test_planner_carries_the_marker_of_the_public_decorator():
     before = set(vars(probe))
     torch.compiler.assume_constant_result(probe)
     marker = set(vars(probe)) - before
-    assert marker and all(getattr(_planned_strategy, k) == getattr(probe, k) for k in marker)
+    assert marker and all(getattr(planned_strategy, k) == getattr(probe, k) for k in marker)

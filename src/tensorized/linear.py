@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,68 +12,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._ops import frobenius_error
+from .convert import check_linear_list, from_weights
 from .formats import canonical_name, get_format
 from .formats.base import FactorizedMatrix
-from .plan import Plan, WeightShape, any_batch_strategy, make_plan
+from .plan import Plan, make_plan, planned_strategy
 from .ranks import ConcreteRank, RankSpec
-from .shapes import Modes, factorize, tensorize_shape, validate_modes
+from .shapes import Modes, resolve_modes
 
 __all__ = ["FactorizedLinear", "LinearView"]
 
 TensorizedFeatures = int | Sequence[int]
-
-
-def _resolve_modes(
-    in_spec: TensorizedFeatures | None,
-    out_spec: TensorizedFeatures | None,
-    order: int | None,
-) -> tuple[Modes, Modes]:
-    """Modes from user input: a tuple is taken as is, an int is split automatically."""
-    for name, spec in (("in_tensorized_features", in_spec), ("out_tensorized_features", out_spec)):
-        valid = spec is None or isinstance(spec, int | Sequence)
-        if isinstance(spec, bool | str) or not valid:
-            hint = ""
-            if name.startswith("in") and isinstance(spec, float | str):
-                hint = " (tltorch 0.5 moved rank to second place: pass rank=... by keyword)"
-            raise TypeError(
-                f"{name} must be a tuple of ints (the modes) or an int (auto-tensorize), got "
-                f"{type(spec).__name__} {spec!r}{hint}"
-            )
-    if isinstance(in_spec, int) and isinstance(out_spec, int):
-        return tensorize_shape(in_spec, out_spec, order)
-    in_modes = out_modes = None
-    if in_spec is not None and not isinstance(in_spec, int):
-        in_modes = validate_modes(in_spec, None, "in_tensorized_features")
-    if out_spec is not None and not isinstance(out_spec, int):
-        out_modes = validate_modes(out_spec, None, "out_tensorized_features")
-    if in_modes is None:
-        in_modes = factorize(in_spec, len(out_modes))
-        validate_modes(in_modes, None, "in_tensorized_features")
-    if out_modes is None:
-        out_modes = factorize(out_spec, len(in_modes))
-    return in_modes, out_modes
-
-
-def _assume_constant_result(fn):
-    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` at import
-    time (about 1 s and 800 modules, for users who never compile): the public decorator only
-    sets this marker, which dynamo reads while tracing. tests/test_compile.py checks that the
-    marker is the one the public decorator sets, and that compiled planning works."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_assume_constant_result
-def _planned_strategy(
-    signature: tuple, batch: int | None, grad: bool, dtype: torch.dtype, device_type: str
-) -> str:
-    # Takes the weight's shape_signature (constants), not the module: older torch.compile
-    # versions cannot treat a module argument as a constant. batch=None: any batch size.
-    shape = WeightShape(*signature)
-    if batch is None:
-        return any_batch_strategy(shape, training=grad, dtype=dtype, device_type=device_type)
-    return make_plan(shape, batch, training=grad, dtype=dtype, device_type=device_type).chosen
 
 
 def _tracing() -> bool:
@@ -141,7 +88,7 @@ class FactorizedLinear(nn.Module):
                 "in_tensorized_features and out_tensorized_features are required (a tuple of "
                 "modes or an int feature count)"
             )
-        in_modes, out_modes = _resolve_modes(in_tensorized_features, out_tensorized_features, None)
+        in_modes, out_modes = resolve_modes(in_tensorized_features, out_tensorized_features, None)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}")
         self.factorization = canonical_name(factorization)
@@ -313,12 +260,12 @@ class FactorizedLinear(nn.Module):
             # second size, ONNX dynamic axes; traced code cannot tell a symbolic batch from a
             # concrete one), so plan for all sizes: no guard on the batch, no recompile.
             signature = self.weight.shape_signature
-            return _planned_strategy(signature, None, True, dtype, device_type)
+            return planned_strategy(signature, None, True, dtype, device_type)
         batch = max(batch, 1)  # an empty batch costs nothing: plan it like one row
         key = (batch, grad, dtype, device_type)
         choice = self._plans.get(key)
         if choice is None:  # planned once per key; later calls are a dict lookup
-            choice = _planned_strategy(self.weight.shape_signature, batch, grad, dtype, device_type)
+            choice = planned_strategy(self.weight.shape_signature, batch, grad, dtype, device_type)
             self._plans[key] = choice
         return choice
 
@@ -494,7 +441,8 @@ class FactorizedLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        return cls._from_weights(
+        return from_weights(
+            cls,
             [linear],
             in_tensorized_features,
             out_tensorized_features,
@@ -532,32 +480,9 @@ class FactorizedLinear(nn.Module):
         ``result[i]`` then computes (an approximation of) ``linear_list[i]``. Arguments are
         as in :meth:`from_linear`; ``rank`` counts the parameters of all layers together.
         """
-        if isinstance(linear_list, nn.Linear) or not isinstance(
-            linear_list, Sequence | nn.ModuleList
-        ):
-            raise TypeError(
-                f"linear_list must be a list of nn.Linear, got {type(linear_list).__name__}"
-            )
-        linear_list = list(linear_list)
-        if not linear_list:
-            raise ValueError("linear_list is empty; give at least one nn.Linear")
-        source = linear_list[0].weight
-        for k, lin in enumerate(linear_list):
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"linear_list[{k}] must be an nn.Linear, got {type(lin).__name__}")
-            if lin.weight.shape != linear_list[0].weight.shape:
-                raise ValueError(
-                    f"all layers must have the same shape: linear_list[0] is "
-                    f"{tuple(linear_list[0].weight.shape)} (out, in) but linear_list[{k}] is "
-                    f"{tuple(lin.weight.shape)}"
-                )
-            if (lin.weight.dtype, lin.weight.device) != (source.dtype, source.device):
-                raise ValueError(
-                    f"all layers must have the same dtype and device: linear_list[0] is "
-                    f"{source.dtype} on {source.device} but linear_list[{k}] is "
-                    f"{lin.weight.dtype} on {lin.weight.device}"
-                )
-        return cls._from_weights(
+        linear_list = check_linear_list(linear_list)
+        return from_weights(
+            cls,
             linear_list,
             in_tensorized_features,
             out_tensorized_features,
@@ -572,86 +497,6 @@ class FactorizedLinear(nn.Module):
             verbose=verbose,
             joint=True,
         )
-
-    @classmethod
-    def _from_weights(
-        cls,
-        linears: list[nn.Linear],
-        in_spec,
-        out_spec,
-        rank,
-        bias,
-        factorization,
-        decomposition_kwargs,
-        *,
-        auto_tensorize,
-        n_tensorized_modes,
-        implementation,
-        checkpointing,
-        verbose,
-        joint,
-    ) -> FactorizedLinear:
-        source = linears[0].weight
-        out_features, in_features = source.shape
-        if (in_spec is None or out_spec is None) and not auto_tensorize:
-            raise ValueError(
-                "in_tensorized_features and out_tensorized_features are required when "
-                "auto_tensorize=False"
-            )
-        modes = n_tensorized_modes
-        if isinstance(modes, bool) or not isinstance(modes, int) or modes < 1:
-            raise ValueError(f"n_tensorized_modes must be an int >= 1, got {modes!r}")
-        if decomposition_kwargs is not None and not isinstance(decomposition_kwargs, dict):
-            raise TypeError(
-                f"decomposition_kwargs must be a dict, got {type(decomposition_kwargs).__name__}"
-            )
-        in_modes, out_modes = _resolve_modes(
-            in_features if in_spec is None else in_spec,
-            out_features if out_spec is None else out_spec,
-            n_tensorized_modes,
-        )
-        validate_modes(in_modes, in_features, "in_tensorized_features")
-        validate_modes(out_modes, out_features, "out_tensorized_features")
-        for k, lin in enumerate(linears):
-            where = f"linear_list[{k}]" if joint else "linear"
-            if not torch.isfinite(lin.weight).all():
-                raise ValueError(f"{where}.weight contains NaN or Inf values; cannot decompose it")
-            if bias and lin.bias is not None and not torch.isfinite(lin.bias).all():
-                raise ValueError(f"{where}.bias contains NaN or Inf values")
-        W = torch.stack([lin.weight.detach() for lin in linears]) if joint else source.detach()
-        start = time.perf_counter()
-        fmt = get_format(factorization)
-        weight = fmt.from_matrix(W, in_modes, out_modes, rank, **(decomposition_kwargs or {}))
-        # Its random init is replaced below: keep it off the caller's RNG stream.
-        with torch.random.fork_rng(devices=[source.device] if source.is_cuda else []):
-            layer = cls(
-                in_modes,
-                out_modes,
-                bias,
-                factorization,
-                weight.rank,
-                weight.n_layers,
-                implementation=implementation,
-                checkpointing=checkpointing,
-                device=source.device,
-                dtype=source.dtype,
-            )
-        layer.weight = weight
-        if bias:
-            with torch.no_grad():
-                biases = [
-                    lin.bias.detach() if lin.bias is not None else torch.zeros_like(source[:, 0])
-                    for lin in linears
-                ]
-                layer.bias.copy_(torch.stack(biases) if joint else biases[0])
-        if verbose:
-            err = frobenius_error(W, weight.to_matrix().detach())
-            print(
-                f"{cls.__name__}.from_linear{'_list' if joint else ''}: {factorization} "
-                f"rank={weight.rank}, relative weight error {err:.4g}, "
-                f"{time.perf_counter() - start:.2f}s"
-            )
-        return layer
 
 
 class LinearView(nn.Module):

@@ -428,3 +428,28 @@ def any_batch_strategy(
         return max(p.costs[s].seconds / p.costs[p.chosen].seconds for p in plans)
 
     return min(plans[0].strategies, key=worst_slowdown)
+
+
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` at import
+    time (about 1 s and 800 modules, for users who never compile): the public decorator only
+    sets this marker, which dynamo reads while tracing. tests/test_compile.py checks that the
+    marker is the one the public decorator sets, and that compiled planning works."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def planned_strategy(
+    signature: tuple, batch: int | None, grad: bool, dtype: torch.dtype, device_type: str
+) -> str:
+    """The strategy ``FactorizedLinear`` runs for ``batch`` rows (``None``: any batch size,
+    for a graph), from the weight's ``shape_signature``; a constant under ``torch.compile``.
+
+    Takes constants, not the module: older torch.compile versions cannot treat a module
+    argument as a constant.
+    """
+    shape = WeightShape(*signature)
+    if batch is None:
+        return any_batch_strategy(shape, training=grad, dtype=dtype, device_type=device_type)
+    return make_plan(shape, batch, training=grad, dtype=dtype, device_type=device_type).chosen

@@ -130,3 +130,34 @@ def _check_positive_int(value: object, name: str) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def resolve_modes(
+    in_spec: int | Sequence[int] | None,
+    out_spec: int | Sequence[int] | None,
+    order: int | None,
+) -> tuple[Modes, Modes]:
+    """Modes from user input: a tuple is taken as is, an int is split automatically."""
+    for name, spec in (("in_tensorized_features", in_spec), ("out_tensorized_features", out_spec)):
+        valid = spec is None or isinstance(spec, int | Sequence)
+        if isinstance(spec, bool | str) or not valid:
+            hint = ""
+            if name.startswith("in") and isinstance(spec, float | str):
+                hint = " (tltorch 0.5 moved rank to second place: pass rank=... by keyword)"
+            raise TypeError(
+                f"{name} must be a tuple of ints (the modes) or an int (auto-tensorize), got "
+                f"{type(spec).__name__} {spec!r}{hint}"
+            )
+    if isinstance(in_spec, int) and isinstance(out_spec, int):
+        return tensorize_shape(in_spec, out_spec, order)
+    in_modes = out_modes = None
+    if in_spec is not None and not isinstance(in_spec, int):
+        in_modes = validate_modes(in_spec, None, "in_tensorized_features")
+    if out_spec is not None and not isinstance(out_spec, int):
+        out_modes = validate_modes(out_spec, None, "out_tensorized_features")
+    if in_modes is None:
+        in_modes = factorize(in_spec, len(out_modes))
+        validate_modes(in_modes, None, "in_tensorized_features")
+    if out_modes is None:
+        out_modes = factorize(out_spec, len(in_modes))
+    return in_modes, out_modes
