@@ -49,6 +49,21 @@ def joint3() -> FL:
 
 # ---------------------------------------------------------------------- constructor
 
+
+def rejecting(table: list[tuple]):
+    """A test over ``table``'s ``(id, call, exception type, message regex)`` rows: each
+    ``call()`` must raise that exception with a message matching the regex."""
+
+    @pytest.mark.parametrize(
+        ("call", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in table]
+    )
+    def test(call, exc, match):
+        with pytest.raises(exc, match=match):
+            call()
+
+    return test
+
+
 CONSTRUCTOR_CASES = [
     # (id, kwargs beyond the modes, in modes, out modes, exception, message pattern)
     ("in-mode-zero", {}, (4, 0), (4, 4), ValueError,
@@ -169,12 +184,7 @@ FORWARD_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in FORWARD_CASES]
-)
-def test_forward_and_indices_reject(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
+test_forward_and_indices_reject = rejecting(FORWARD_CASES)
 
 
 # ---------------------------------------------------------------------- formats
@@ -217,12 +227,7 @@ FORMAT_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in FORMAT_CASES]
-)
-def test_formats_reject(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
+test_formats_reject = rejecting(FORMAT_CASES)
 
 
 # ---------------------------------------------------------------------- from_linear(_list)
@@ -290,12 +295,7 @@ def nan_bias_linear() -> nn.Linear:
     return lin
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in FROM_LINEAR_CASES]
-)
-def test_from_linear_rejects(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
+test_from_linear_rejects = rejecting(FROM_LINEAR_CASES)
 
 
 # ---------------------------------------------------------------------- accepted edge inputs
@@ -410,12 +410,7 @@ CONFIG_COMBINATION_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CONFIG_COMBINATION_CASES]
-)
-def test_config_combination_rejects(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
+test_config_combination_rejects = rejecting(CONFIG_COMBINATION_CASES)
 
 
 def test_config_frozen_fields_reject_mutation():
@@ -484,12 +479,7 @@ TENSORIZE_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in TENSORIZE_CASES]
-)
-def test_tensorize_rejects(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
+test_tensorize_rejects = rejecting(TENSORIZE_CASES)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

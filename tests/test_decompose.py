@@ -10,30 +10,11 @@ import tensorly as tl
 import torch
 from tensorly import decomposition as tld
 
+from oracles import cp_full, tt_full, tucker_full
 from tensorized import decompose as dec
 from tensorized._ops import frobenius_error, khatri_rao, mode_dot
 
 F64 = torch.float64
-
-
-def cp_full(res):
-    shape = [f.shape[0] for f in res.factors]
-    return (khatri_rao(res.factors) * res.weights).sum(-1).reshape(shape)
-
-
-def tucker_full(res):
-    t = res.core
-    for k, f in enumerate(res.factors):
-        if f is not None:
-            t = mode_dot(t, f, k)
-    return t
-
-
-def tt_full(cores):
-    t = cores[0].reshape(-1, cores[0].shape[-1])
-    for c in cores[1:]:
-        t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
-    return t.reshape([c.shape[1] for c in cores])
 
 
 def ttm_full(cores, n_pairs):

@@ -90,28 +90,16 @@ def test_construction_is_bit_identical_under_the_same_seed(fmt, n_layers):
 # ------------------------------------------------------------------ decompositions
 
 
+@pytest.mark.parametrize("joint", [False, True], ids=["from_linear", "from_linear_list"])
 @pytest.mark.parametrize(("fmt", "options"), CASES, ids=CASE_IDS)
-def test_from_linear_is_bit_identical_across_runs(fmt, options):
+def test_from_linear_is_bit_identical_across_runs(fmt, options, joint):
     def run():
         torch.manual_seed(0)
         rank = RANK.get(fmt, 3)
-        layer = tz.FactorizedLinear.from_linear(
-            sources()[0], IN, OUT, rank, True, fmt, kwargs_of(options)
-        )
-        return state(layer)
-
-    assert not differs(run(), run())
-
-
-@pytest.mark.parametrize(("fmt", "options"), CASES, ids=CASE_IDS)
-def test_from_linear_list_is_bit_identical_across_runs(fmt, options):
-    def run():
-        torch.manual_seed(0)
-        rank = RANK.get(fmt, 3)
-        layer = tz.FactorizedLinear.from_linear_list(
-            sources(3), IN, OUT, rank, True, fmt, kwargs_of(options)
-        )
-        return state(layer)
+        args = (IN, OUT, rank, True, fmt, kwargs_of(options))
+        if joint:
+            return state(tz.FactorizedLinear.from_linear_list(sources(3), *args))
+        return state(tz.FactorizedLinear.from_linear(sources()[0], *args))
 
     assert not differs(run(), run())
 

@@ -12,8 +12,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import tensorized as tz
+from oracles import cp_full, tt_full, tucker_full
 from tensorized import decompose as dec
-from tensorized._ops import frobenius_error, khatri_rao, mode_dot
+from tensorized._ops import frobenius_error, khatri_rao
 from tensorized.formats import FORMATS
 
 F64 = torch.float64
@@ -161,29 +162,10 @@ def planted_tensor(n_layers, dtype, scale):
     return T.to(dtype)
 
 
-def cp_full(res):
-    return (khatri_rao(res.factors) * res.weights).sum(-1).reshape([len(f) for f in res.factors])
-
-
-def tucker_full(res):
-    t = res.core
-    for k, f in enumerate(res.factors):
-        if f is not None:
-            t = mode_dot(t, f, k)
-    return t
-
-
-def train_full(cores):
-    t = cores[0].reshape(-1, cores[0].shape[-1])
-    for c in cores[1:]:
-        t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
-    return t
-
-
 def ttm_full(cores, lead):
     """Multiply out a TT-matrix train, then undo the interleaving of the (out, in) pairs."""
     pairs = [n for c in cores[lead:] for n in c.shape[1:3]]
-    t = train_full(cores).reshape(*(c.shape[1] for c in cores[:lead]), *pairs)
+    t = tt_full(cores).reshape(*(c.shape[1] for c in cores[:lead]), *pairs)
     m = len(pairs) // 2
     perm = [*range(lead), *(lead + 2 * k for k in range(m)), *(lead + 2 * k + 1 for k in range(m))]
     return t.permute(perm)
@@ -206,12 +188,12 @@ def run_tucker(T, r, lead):
 
 def run_tt(T, r, lead):
     cores = dec.tensor_train(T, [min(r, 2)] * lead + [r] * 5)
-    return cores, train_full(cores).reshape(T.shape), None
+    return cores, tt_full(cores).reshape(T.shape), None
 
 
 def run_tt_randomized(T, r, lead):
     cores = dec.tensor_train(T, [min(r, 2)] * lead + [r] * 5, method="randomized")
-    return cores, train_full(cores).reshape(T.shape), None
+    return cores, tt_full(cores).reshape(T.shape), None
 
 
 def run_ttm(T, r, lead):
