@@ -713,14 +713,14 @@ def test_load_model_rejects_and_leaves_the_model_unchanged(saved, name, build, e
     model = build()
     before = snapshot(model)
     with pytest.raises(exc, match=match):
-        tz.load_model(model, d / name)
+        tz.load_model(d / name, base=model)
     assert_unchanged(model, before)
 
 
 def test_load_model_round_trip_is_exact(saved):
     """The oracle the failure cases are measured against: the good file loads exactly."""
     d, net = saved
-    fresh = tz.load_model(small_net(), d / "net.safetensors")
+    fresh = tz.load_model(d / "net.safetensors", base=small_net())
     x = torch.randn(4, 32)
     assert torch.equal(fresh(x), net(x))
     assert tz.load_config(d / "net.safetensors") == cfg()
@@ -737,10 +737,10 @@ SAVE_CASES = [
      r"metadata must map str to str, got 'a': int"),
     ("missing-folder", lambda p: tz.save_model(small_net(), p.parent / "nodir" / "x.st"),
      FileNotFoundError, r"nodir"),
-    ("load-a-folder", lambda p: tz.load_model(small_net(), p.parent), IsADirectoryError,
+    ("load-a-folder", lambda p: tz.load_model(p.parent, base=small_net()), IsADirectoryError,
      r"is a folder; give the \.safetensors file"),
-    ("load-model-none", lambda p: tz.load_model(None, p), TypeError,
-     r"model must be a torch\.nn\.Module, got NoneType"),
+    ("load-model-none", lambda p: tz.load_model(p, base=None), TypeError,
+     r"base must be a torch\.nn\.Module \(a fresh instance .*got NoneType"),
     ("load-config-random", lambda p: tz.load_config(p.parent / "random.safetensors"),
      ValueError, r"cannot read '.*random\.safetensors'"),
 ]  # fmt: skip

@@ -378,7 +378,7 @@ def test_compress_hugging_face_folder_with_text_calibration(tiny_bert, capsys):
     # the pickle-free copy: the original architecture, then load_model
     from transformers import AutoModel
 
-    fresh = tz.load_model(AutoModel.from_pretrained(tmp / "hf"), tmp / "out" / "model.safetensors")
+    fresh = tz.load_model(tmp / "out" / "model.safetensors", AutoModel.from_pretrained(tmp / "hf"))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(**batch).last_hidden_state, hidden)
     assert tz.load_config(tmp / "out" / "model.safetensors") == tz.TensorizeConfig.from_dict(

@@ -72,7 +72,7 @@ def test_save_load_rebuilds_architecture_and_output(tmp_path, fmt, joint):
     net, cfg = _compressed(joint, fmt)
     path = tmp_path / "net.safetensors"
     tz.save_model(net, path, config=cfg, metadata={"task": "test"})
-    fresh = tz.load_model(Net().double(), path)
+    fresh = tz.load_model(path, base=Net().double())
     x = torch.randn(5, 32, dtype=F64)
     torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
     assert tz.load_config(path) == cfg
@@ -107,7 +107,7 @@ def test_load_in_fresh_process_without_pickle(tmp_path):
         from torch import nn
         sys.path.insert(0, {str(tmp_path)!r})
         {_class_source()}
-        model = tz.load_model(Net().double(), {str(path)!r})
+        model = tz.load_model({str(path)!r}, base=Net().double())
         x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
         y = torch.load({str(tmp_path / "y.pt")!r}, weights_only=True)
         assert torch.equal(model(x), y), (model(x) - y).abs().max()
@@ -139,7 +139,7 @@ def test_save_is_atomic_and_keeps_shared_tensors_once(tmp_path):
     assert all(k.startswith("2.parent.") for k in aliases)
     assert all(k.startswith("0.parent.") for k in keys)
     fresh = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
-    tz.load_model(fresh, path)
+    tz.load_model(path, fresh)
     x = torch.randn(2, 16)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     assert fresh[0].parent is fresh[2].parent
@@ -149,10 +149,10 @@ def test_load_follows_the_given_models_dtype_and_loads_into_compressed_model(tmp
     net, _ = _compressed(joint=False)
     path = tmp_path / "net.safetensors"
     tz.save_model(net, path)
-    fresh = tz.load_model(Net(), path)  # float32 architecture: weights cast on load
+    fresh = tz.load_model(path, base=Net())  # float32 architecture: weights cast on load
     assert all(p.dtype == torch.float32 for p in fresh.parameters())
     again, _ = _compressed(joint=False)
-    tz.load_model(again, path)  # loading into an already factorized model works too
+    tz.load_model(again, path)  # safetensors' argument order; into a factorized model
     x = torch.randn(2, 32, dtype=F64)
     torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
 
@@ -170,7 +170,7 @@ def test_load_errors_leave_model_unchanged(tmp_path):
     wrong = Wider()
     before = {n: id(m) for n, m in wrong.named_modules()}
     with pytest.raises(ValueError, match=r"'head' is \(64, 32\).*\(48, 32\) in the saved one"):
-        tz.load_model(wrong, path)
+        tz.load_model(path, base=wrong)
     assert {n: id(m) for n, m in wrong.named_modules()} == before
 
     class Renamed(Net):
@@ -181,10 +181,10 @@ def test_load_errors_leave_model_unchanged(tmp_path):
     renamed = Renamed()
     before = {n: id(m) for n, m in renamed.named_modules()}
     with pytest.raises(ValueError, match=r"(?s)does not fit the given model.*norm.bias"):
-        tz.load_model(renamed, path)
+        tz.load_model(path, base=renamed)
     assert {n: id(m) for n, m in renamed.named_modules()} == before
     assert all(type(m) is not tz.FactorizedLinear for m in renamed.modules())
-    tz.load_model(Renamed(), path, strict=False)  # non-strict: the norm's keys are ignored
+    tz.load_model(path, base=Renamed(), strict=False)  # non-strict: the norm's keys are ignored
 
 
 @pytest.mark.parametrize(
@@ -201,7 +201,7 @@ def test_load_rejects_bad_files(tmp_path, make, exc, match):
     path = tmp_path / "bad.safetensors"
     make(path)
     with pytest.raises(exc, match=match):
-        tz.load_model(Net(), path)
+        tz.load_model(path, base=Net())
 
 
 def test_truncated_file_is_rejected(tmp_path):
@@ -211,7 +211,7 @@ def test_truncated_file_is_rejected(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot read"):
-        tz.load_model(Net().double(), path)
+        tz.load_model(path, base=Net().double())
 
 
 def test_save_model_argument_errors(tmp_path):

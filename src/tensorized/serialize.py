@@ -117,7 +117,7 @@ def save_model(
         >>> _ = tz.tensorize_(net, tz.TensorizeConfig(rank=0.5, order=2, progress=False))
         >>> path = tempfile.mkdtemp() + "/net.safetensors"
         >>> tz.save_model(net, path)
-        >>> fresh = tz.load_model(torch.nn.Sequential(torch.nn.Linear(64, 32)), path)
+        >>> fresh = tz.load_model(path, base=torch.nn.Sequential(torch.nn.Linear(64, 32)))
         >>> x = torch.randn(3, 64)
         >>> torch.equal(fresh(x), net(x))
         True
@@ -260,29 +260,52 @@ def _check_target(model: nn.Module, place: Mapping[str, Any], spec: Mapping[str,
     return module
 
 
-def load_model(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+def load_model(
+    path: str | os.PathLike | nn.Module,
+    base: nn.Module | str | os.PathLike | None = None,
+    *,
+    strict: bool = True,
+) -> nn.Module:
     """Load a file written by :func:`save_model` into a fresh instance of the architecture.
 
     Every recorded place gets a factorized layer of the recorded spec (views of one joint
     layer share it again), then all weights are loaded with ``load_state_dict``. If anything
-    fails, the model's modules are put back as they were.
+    fails, the model's modules are put back as they were. The argument order of
+    ``safetensors.torch.load_model`` (the module, then the file) is accepted too.
 
     Args:
-        model: the same architecture as the saved model, uncompressed (e.g. ``MyNet()``) or
-            already holding factorized layers of the same specs.
         path: a file written by :func:`save_model`.
+        base: the same architecture as the saved model, uncompressed (e.g. ``MyNet()``) or
+            already holding factorized layers of the same specs; it is changed in place.
         strict: as in ``nn.Module.load_state_dict``: every key must match.
 
     Returns:
-        ``model``, now holding the saved weights.
+        ``base``, now holding the saved weights.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not ours, is corrupt, or does not fit ``model`` (the message
+        TypeError: ``base`` is not a module.
+        ValueError: the file is not ours, is corrupt, or does not fit ``base`` (the message
             names the layer and the shapes).
+
+    Example:
+        >>> import tempfile, torch, tensorized as tz
+        >>> make = lambda: torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU())
+        >>> net = make()
+        >>> _ = tz.tensorize_(net, tz.TensorizeConfig(rank=0.5, order=2, progress=False))
+        >>> path = tempfile.mkdtemp() + "/net.safetensors"
+        >>> tz.save_model(net, path)
+        >>> type(tz.load_model(path, base=make())[0]).__name__
+        'FactorizedLinear'
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(path, nn.Module) and not isinstance(base, nn.Module):
+        path, base = base, path  # safetensors' order: load_model(module, filename)
+    if not isinstance(base, nn.Module):
+        raise TypeError(
+            f"base must be a torch.nn.Module (a fresh instance of the saved architecture, e.g. "
+            f"MyNet()), got {type(base).__name__}"
+        )
+    model = base
     header = _read_header(path)
     groups, places, aliases = (_json(header, k, path) for k in ("groups", "places", "aliases"))
     built: dict[str, FactorizedLinear] = {}
