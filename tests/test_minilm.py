@@ -2,7 +2,8 @@
 
 A reduced run of ``examples/minilm.py``: TT (L-BFGS calibration cut to 20 steps per layer)
 and low rank (closed-form whitened SVD), each with and without calibration, plus the
-``compress`` command on the model folder.
+``compress`` command on the model folder; and user journeys 3 to 5 end to end (joint
+layers, whole-model compression with calibration, safetensors / ONNX / torch.compile).
 """
 
 import importlib.util
@@ -142,3 +143,59 @@ def test_compress_command_on_the_model_folder(example, original, compressed, tmp
     # The same configuration and calibration sentences as the API run: the same model.
     expected = compressed["lowrank + calibration"][2]
     assert cos.numpy() == pytest.approx(expected.numpy(), abs=1e-4)
+
+
+def test_user_journeys_share_compress_and_ship(example, tmp_path, monkeypatch):
+    """USER_JOURNEYS 3 to 5 as written, on the real encoder: joint queries, whole-model
+    compression with calibration, then save / load / ONNX / torch.compile of the result."""
+    import onnxruntime as ort
+
+    import tensorized as tz
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = example.load()
+    batches = example.batches(tokenizer, example.CALIBRATION)
+    # 3. one tensor for the query of every block
+    encoder = model.encoder
+    qs = [blk.attention.self.query for blk in encoder.layer]
+    joint = FactorizedLinear.from_linear_list(
+        qs, (8, 6, 8), (8, 6, 8), rank=0.3, factorization="tt"
+    )
+    for i, blk in enumerate(encoder.layer):
+        blk.attention.self.query = joint[i]
+    # 4. the rest of the encoder (the views are not nn.Linear: left alone)
+    cfg = tz.TensorizeConfig(
+        factorization="tucker", rank=0.5, target_modules=r"encoder\..*", calibration_steps=10
+    )
+    report = tz.tensorize_(model, cfg, calibration_data=batches)
+    assert len(report) == 30 and "total (30 rows)" in str(report)
+    # 5. ship it: no pickled code, rebuilt on a fresh instance of the architecture
+    tz.save_model(model, "small.safetensors", config=cfg)
+    fresh, _ = example.load()
+    model2 = tz.load_model("small.safetensors", base=fresh)
+    queries = [blk.attention.self.query for blk in model2.encoder.layer]
+    assert all(q.parent is queries[0].parent for q in queries)
+    batch = example.batches(tokenizer, example.SENTENCES[:5])[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(model2(input_ids=ids, attention_mask=mask).last_hidden_state, reference)
+
+    class Encode(nn.Module):  # positional inputs for the exporters
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    served = Encode(model2).eval()
+    torch.onnx.export(served, (ids, mask), "small.onnx")
+    session = ort.InferenceSession("small.onnx", providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (y,) = session.run(None, {names[0]: ids.numpy(), names[1]: mask.numpy()})
+    ref = reference.numpy()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+    compiled = torch.compile(served, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask), reference, rtol=1e-4, atol=1e-5)
