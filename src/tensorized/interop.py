@@ -127,17 +127,10 @@ def from_tensorly(
         ok = (rows, cols) == (out_modes, in_modes)
     else:
         ok = shape == _shape(out_modes, in_modes, n_layers)
+    # an order-2 CP tensor of the matrix's shape is a low-rank matrix: the 'lowrank' format
     matrix = (math.prod(out_modes), math.prod(in_modes))
-    if isinstance(tensor, CPTensor) and shape == matrix and n_in_out > 2:
-        # an order-2 CP tensor is a low-rank matrix: the 'lowrank' format
-        s, (u, v) = _torch(tensor.weights, dtype, device), tensor.factors
-        u, v = _torch(u, dtype, device), _torch(v, dtype, device)
-        rank = int(s.shape[0])
-        new = cls(
-            in_modes, out_modes, bias, "lowrank", rank, device=s.device, dtype=s.dtype, **kwargs
-        )
-        return _filled(new, {"s": s[None], "U": u[None], "V": v[None]})
-    if not ok:
+    lowrank = isinstance(tensor, CPTensor) and shape == matrix and n_in_out > 2
+    if not (ok or lowrank):
         raise ValueError(
             f"tensor has shape {shape} but out_tensorized_features={out_modes} and "
             f"in_tensorized_features={in_modes} need ([n_layers,] *out, *in) = "
@@ -147,9 +140,13 @@ def from_tensorly(
     def conv(a: Any) -> Tensor:
         return _torch(a, dtype, device)
 
-    if isinstance(tensor, CPTensor):
+    if lowrank:
+        s, (u, v) = conv(tensor.weights), (conv(f) for f in tensor.factors)
+        params: dict[str, Any] = {"s": s[None], "U": u[None], "V": v[None]}
+        fmt, rank = "lowrank", int(s.shape[0])
+    elif isinstance(tensor, CPTensor):
         weights, factors = conv(tensor.weights), [conv(f) for f in tensor.factors]
-        params: dict[str, Any] = {"weights": weights, "factors": factors}
+        params = {"weights": weights, "factors": factors}
         fmt, rank = "cp", int(weights.shape[0])
     elif isinstance(tensor, TuckerTensor):
         core, factors = conv(tensor.core), [conv(f) for f in tensor.factors]

@@ -50,12 +50,10 @@ def _placements(model: nn.Module) -> tuple[dict[str, dict], list[dict[str, Any]]
     groups: dict[str, dict] = {}
     group_of: dict[int, str] = {}
     places: list[dict[str, Any]] = []
-    view_parents = set()
-    for name, module in model.named_modules(remove_duplicate=False):
+    view_parents = set()  # a view's own 'parent' child: not a place of its own
+    for name, module in model.named_modules(remove_duplicate=False):  # parents before children
         if isinstance(module, LinearView):
             view_parents.add(f"{name}.parent" if name else "parent")
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LinearView):
             layer, index = module.parent, module.index
         elif isinstance(module, FactorizedLinear) and name not in view_parents:
             layer, index = module, None
