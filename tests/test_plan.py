@@ -3,20 +3,20 @@ cheapest, every strategy equals the dense oracle, and plans are cached."""
 
 import pytest
 import torch
-from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import tensorized as tz
-from tensorized.formats import FORMATS
+from oracles import dense_weight
+from tensorized.formats import FORMATS, WeightShape
 from tensorized.plan import (
     ANY_BATCH,
-    WeightShape,
-    _copied_numel,
     any_batch_strategy,
     gemms,
     make_plan,
+    plan_cache_info,
     strategy_cost,
+    work,
 )
 
 F64 = torch.float64
@@ -31,7 +31,7 @@ RANKS = {
 CASES = [
     (fmt, strategy, n_layers)
     for fmt, cls in FORMATS.items()
-    for strategy in cls.strategies
+    for strategy in cls.strategy_names()
     for n_layers in (1, 3)
 ]
 
@@ -59,7 +59,7 @@ def test_every_strategy_equals_the_dense_oracle(fmt, strategy, n_layers):
     for layer in range(n_layers):
         sel = layer if n_layers > 1 else None
         torch.testing.assert_close(
-            w.contract(x, sel, strategy), x @ w.to_matrix(sel).T, rtol=1e-12, atol=1e-12
+            w.contract(x, sel, strategy), x @ dense_weight(w, sel).T, rtol=1e-12, atol=1e-12
         )
 
 
@@ -87,74 +87,68 @@ def test_flops_by_hand():
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("batch", [1, 32, 512])
-@pytest.mark.parametrize("training", [False, True])
-def test_chosen_plan_is_the_cheapest(fmt, batch, training):
+@pytest.mark.parametrize(("training", "cached"), [(False, False), (False, True), (True, False)])
+def test_chosen_plan_is_the_cheapest(fmt, batch, training, cached):
     w = FORMATS[fmt]((8, 8, 16), (8, 8, 16), "same" if fmt == "dense" else 0.1)
-    plan = make_plan(w, batch, training=training, dtype=torch.float32, device_type="cpu")
+    kw = {"training": training, "dtype": torch.float32, "device_type": "cpu", "cached": cached}
+    plan = make_plan(w, batch, **kw)
     best = min(c.seconds for c in plan.costs.values())
     assert plan.costs[plan.chosen].seconds == best
-    assert set(plan.strategies) == set(w.strategies)
+    assert set(plan.strategies) == set(w.strategy_names())
     assert plan.flops == plan.costs[plan.chosen].forward_flops
     assert plan.chosen in str(plan)
 
 
-def test_inference_may_reuse_the_reconstruction():
+def test_only_kept_operands_are_free_in_inference():
+    # The planner costs what is really cached: the rebuild is paid on every call unless the
+    # layer keeps its operands (merge()).
     w = FORMATS["tucker"]((4, 4), (4, 4), "same")
-    infer = make_plan(w, 4096, training=False, dtype=torch.float32, device_type="cpu")
-    train = make_plan(w, 4096, training=True, dtype=torch.float32, device_type="cpu")
+    kw = {"dtype": torch.float32, "device_type": "cpu"}
+    kept = make_plan(w, 4096, training=False, cached=True, **kw)
+    rebuilt = make_plan(w, 4096, training=False, **kw)
+    train = make_plan(w, 4096, training=True, cached=True, **kw)  # cached is moot in training
     gemm = 2 * 4096 * 16 * 16
-    assert infer.costs["reconstructed"].forward_flops == gemm
-    assert train.costs["reconstructed"].forward_flops > gemm
+    prepare, _ = gemms(w, "reconstructed", 4096)
+    rebuild = sum(2 * m * k * n * c for m, k, n, c in prepare)
+    assert kept.costs["reconstructed"].forward_flops == gemm
+    assert rebuilt.costs["reconstructed"].forward_flops == gemm + rebuild
+    assert train.costs["reconstructed"].forward_flops == gemm + rebuild
+    assert kept.costs["reconstructed"].seconds < rebuilt.costs["reconstructed"].seconds
 
 
-def test_layer_plan_and_cache():
-    layer = tz.FactorizedLinear((8, 8, 16), (16, 16, 16), factorization="tucker", rank=0.1)
-    plan = layer.plan(32)
-    assert plan.batch_size == 32 and plan.training is True and plan.chosen in plan.costs
-    x = torch.randn(32, 1024)
-    layer(x)
-    assert list(layer._plans) == [(32, True, torch.float32, "cpu")]
-    layer(x)
-    assert len(layer._plans) == 1  # planned once
-    with torch.no_grad():
-        layer.eval()
-        layer(x)
-    assert len(layer._plans) == 2
+def test_plans_are_shared_by_identical_layers_and_bounded(monkeypatch):
+    import tensorized.plan as plan_module
+
+    calls = []
+    real = plan_module.make_plan
+    monkeypatch.setattr(
+        plan_module, "make_plan", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
+    spec = ((8, 8, 16), (16, 16, 16))
+    a = tz.FactorizedLinear(*spec, factorization="tucker", rank=0.1)
+    b = tz.FactorizedLinear(*spec, factorization="tucker", rank=0.1)
+    a(torch.randn(33, 1024))
+    b(torch.randn(33, 1024))  # same signature, batch and mode: planned once for both
+    assert calls.count(33) == 1
+    assert a.plan(33).chosen == a.implementation_for(33)
+    monkeypatch.setattr(plan_module, "PLAN_CACHE_SIZE", 3)
+    for batch in range(40, 46):
+        a(torch.randn(batch, 1024))
+    info = plan_cache_info()
+    assert info.currsize <= 3 and info.maxsize == 3
     fixed = tz.FactorizedLinear((4, 4), (4, 4), factorization="tt", implementation="halves")
     assert fixed.plan(8).chosen == "halves" and fixed.implementation_for(8) == "halves"
 
 
-def test_eval_cache_is_invalidated_when_parameters_change():
-    layer = tz.FactorizedLinear(
-        (4, 4), (4, 4), factorization="cp", rank=3, implementation="reconstructed"
-    ).eval()
-    x = torch.randn(3, 16)
+def test_merged_layer_plans_with_kept_operands():
+    layer = tz.FactorizedLinear((8, 8), (8, 8), factorization="blocktt", rank=0.3).eval()
     with torch.no_grad():
-        first = layer(x)
-        assert layer._operand_cache
-        for p in layer.weight.parameters():
-            p.mul_(2.0)
-        second = layer(x)
-    expected = F.linear(x, layer.weight.to_matrix(), layer.bias)
-    torch.testing.assert_close(second, expected)
-    assert not torch.allclose(first, second)
-
-
-def test_eval_cache_keeps_one_entry_per_layer_of_a_joint_weight():
-    joint = tz.FactorizedLinear(
-        (4, 4), (4, 4), factorization="tt", rank=3, n_layers=3, implementation="reconstructed"
-    ).eval()
-    x = torch.randn(2, 16)
-    with torch.no_grad():
-        for i in (0, 1, 2, 0):
-            torch.testing.assert_close(
-                joint(x, i), F.linear(x, joint.weight.to_matrix(i), joint.bias[i])
-            )
-    assert set(joint._operand_cache) == {
-        ("reconstructed", 0),
-        ("reconstructed", 1),
-        ("reconstructed", 2),
-    }
+        assert layer.plan(4).cached is False
+        layer.merge("reconstructed")
+        plan = layer.plan(4)
+    assert plan.cached is True and plan.chosen == "reconstructed"
+    assert "operands kept" in str(plan)
+    assert layer.plan(4, training=True).cached is False  # gradients: computed from the factors
 
 
 def test_unknown_strategy_errors():
@@ -172,13 +166,13 @@ def test_plan_from_shape_signature_equals_plan_from_module(fmt):
     # torch.compile plans from the constant signature; it must describe the module exactly.
     rank = {"dense": "same", "cp": 4, "lowrank": 3}.get(fmt, 2)
     layer = tz.FactorizedLinear((4, 6), (3, 5), factorization=fmt, rank=rank, n_layers=2)
-    shape = WeightShape(*layer.weight.shape_signature)
+    shape = WeightShape(*layer.weight.signature_key)
     assert shape.num_params == layer.weight.num_params
     assert (shape.in_features, shape.out_features) == (24, 15)
     for batch, training in [(1, False), (64, True)]:
         kw = {"training": training, "dtype": torch.float32, "device_type": "cpu"}
         assert make_plan(shape, batch, **kw) == make_plan(layer.weight, batch, **kw)
-        for strategy in layer.weight.strategies:
+        for strategy in layer.weight.strategy_names():
             args = (strategy, batch, torch.float32, "cpu", training)
             assert strategy_cost(layer.weight, *args) == strategy_cost(shape, *args)
 
@@ -203,10 +197,11 @@ def test_copies_match_the_code(fmt, strategy):
     # the apply step really makes.
     w = build(fmt, 1)
     x = torch.randn(7, 48, dtype=F64)
-    operands = w.prepare(strategy, None)
+    chosen = w.strategy(strategy)
+    operands = chosen.prepare(w, None)
     with _CopyCounter() as counter:
-        w.apply(strategy, x, operands, None)
-    assert counter.numel == _copied_numel(WeightShape(*w.shape_signature), strategy, 7)
+        chosen.apply(w, x, operands, None)
+    assert counter.numel == work(WeightShape(*w.signature_key), strategy, 7).copied_numel
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -217,13 +212,12 @@ def test_any_batch_strategy_minimizes_the_worst_slowdown(fmt, training):
     opts = dict(training=training, dtype=torch.float32, device_type="cpu")
     chosen = any_batch_strategy(w, **opts)
     worst = {}
-    for s in w.strategies:
+    names = w.strategy_names()
+    for s in names:
         ratios = []
         for b in ANY_BATCH:
-            costs = {
-                t: strategy_cost(w, t, b, torch.float32, "cpu", training) for t in w.strategies
-            }
+            costs = {t: strategy_cost(w, t, b, torch.float32, "cpu", training) for t in names}
             ratios.append(costs[s].seconds / min(c.seconds for c in costs.values()))
         worst[s] = max(ratios)
     assert worst[chosen] == min(worst.values())
-    assert chosen == any_batch_strategy(WeightShape(*w.shape_signature), **opts)
+    assert chosen == any_batch_strategy(WeightShape(*w.signature_key), **opts)

@@ -156,7 +156,7 @@ def test_coarse_budget_warns_with_the_nearest_count():
 
 
 def test_unknown_format_and_mismatched_blocktt():
-    with pytest.raises(ValueError, match=r"unknown format 'foo'"):
+    with pytest.raises(ValueError, match=r"unknown factorization 'foo'"):
         resolve_rank("foo", (4, 4), (4, 4), 0.5)
     with pytest.raises(ValueError, match=r"as many in modes as out modes.*\(4, 4\).*\(16,\)"):
         resolve_rank("blocktt", (4, 4), (16,), 0.5)

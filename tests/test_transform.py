@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import tensorized as tz
+from oracles import dense_weight
 from tensorized import FactorizedLinear, LinearView, TensorizeConfig, tensorize_
 from tensorized.shapes import tensorize_shape
 
@@ -73,9 +74,9 @@ def linear_ids(model):
 def new_matrix(module):
     """(W, b) of a replaced module, from its factors."""
     if isinstance(module, LinearView):
-        p, i = module.parent, module.index
-        return p.weight.to_matrix(i), None if p.bias is None else p.bias[i]
-    return module.weight.to_matrix(), module.bias
+        p, i = module.parent, module.indices
+        return dense_weight(p.weight, i), None if p.bias is None else p.bias[i]
+    return dense_weight(module.weight), module.bias
 
 
 @torch.no_grad()
@@ -324,7 +325,7 @@ def test_swapped_model_equals_dense_oracle_and_report_is_exact(fmt):
         assert row.in_modes == new.in_tensorized_features and row.rank == new.rank
         assert row.old_params == old.weight.numel() + old.bias.numel()
         assert row.new_params == sum(p.numel() for p in new.parameters())
-        assert row.weight_error == pytest.approx(rel_error(old.weight, new.weight.to_matrix()))
+        assert row.weight_error == pytest.approx(rel_error(old.weight, dense_weight(new.weight)))
         assert row.output_error_before is None and row.output_error_after is None
         assert row.seconds >= 0
     assert report.old_params == sum(r.old_params for r in report)
@@ -376,7 +377,7 @@ def test_joint_groups_share_one_factorized_layer():
         ("blocks.*.attn.k", "joint"),
     ]
     q0, q1, k0 = model.blocks[0].attn.q, model.blocks[1].attn.q, model.blocks[0].attn.k
-    assert isinstance(q0, LinearView) and (q0.index, q1.index) == (0, 1)
+    assert isinstance(q0, LinearView) and (q0.indices, q1.indices) == (0, 1)
     assert q0.parent is q1.parent and q0.parent is not k0.parent and q0.parent.n_layers == 2
     n_unique = len({id(p) for p in model.parameters()})
     assert n_unique == sum(1 for _ in model.parameters())  # the shared tensor counted once
@@ -392,7 +393,7 @@ def test_joint_groups_share_one_factorized_layer():
     assert row.old_params == sum(m.weight.numel() + m.bias.numel() for m in olds)
     assert row.new_params == sum(p.numel() for p in q0.parent.parameters())
     W = torch.stack([m.weight for m in olds])
-    assert row.weight_error == pytest.approx(rel_error(W, q0.parent.weight.to_matrix()))
+    assert row.weight_error == pytest.approx(rel_error(W, dense_weight(q0.parent.weight)))
     assert row.rank == q0.parent.rank
     text = str(report)
     for r in report:
@@ -637,7 +638,7 @@ def test_budget_allocation_beats_uniform_at_the_same_budget():
         tensorize_(m, config(factorization="lowrank", rank=0.25, rank_allocation=allocation))
         params = sum(layer.weight.num_params for layer in m)
         sq = [
-            rel_error(o.weight, n.weight.to_matrix()) ** 2 * o.weight.detach().norm() ** 2
+            rel_error(o.weight, dense_weight(n.weight)) ** 2 * o.weight.detach().norm() ** 2
             for o, n in zip(originals, m)
         ]
         return params, float(sum(sq)), [layer.rank for layer in m]

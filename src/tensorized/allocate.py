@@ -5,24 +5,11 @@ little at a low rank, a flat one needs more. :func:`allocate_ranks` picks one co
 per weight to minimize the total squared weight error ``sum_k ||W_k - What_k||_F^2`` under a
 total parameter count:
 
-1. **Error curves**: candidate ranks of each weight with their parameters and squared error.
-
-   * ``'lowrank'``: every rank, exact error from the singular values (Eckart-Young-Mirsky;
-     summed over the layers of a joint group).
-   * ``'tucker'``: exact error of the truncated HOSVD, ``||W||^2 - ||W x_k U_k^T||^2``
-     (De Lathauwer et al., SIAM J. Matrix Anal. Appl. 21(4), 2000), an upper bound of what
-     the HOOI of ``from_linear`` reaches.
-   * ``'tt'`` / ``'blocktt'``: exact error of the TT-SVD that ``from_linear`` runs
-     (Oseledets, SIAM J. Sci. Comput. 33(5), 2011).
-   * ``'cp'``: the rank at each candidate fraction up to twice the overall budget fraction
-     (ALS costs grow as R^3), with the error of a short CP-ALS run (at most 10 iterations,
-     ``tol=1e-3``), an estimate of what the longer ALS of ``from_linear`` reaches.
-
-   Tucker and train candidates: ``resolve_rank(fraction)`` at each candidate fraction, plus
-   a data-adapted chain from all ranks 1, each step raising the rank that most lowers the
-   truncation bound ``sum_k tail_k(r_k)`` per added parameter (``tail_k``: squared singular
-   values of the mode or bond unfolding beyond ``r_k``; De Lathauwer et al. 2000, Oseledets
-   2011, Thm. 2.2).
+1. **Error curves**: candidate ranks of each weight with their parameters and squared error,
+   from the format's ``error_curve`` (each format documents its own: exact Eckart-Young tails
+   for 'lowrank', truncated-HOSVD errors for 'tucker', TT-SVD errors for the train formats,
+   short CP-ALS runs for 'cp'; a registered format without one is decomposed at each
+   candidate fraction).
 2. **Greedy marginal allocation** on the lower convex hull of each curve: from the smallest
    ranks, repeatedly take the step with the largest error decrease per added parameter that
    fits the budget. This solves the LP relaxation of the multiple-choice knapsack (P. Sinha,
@@ -44,29 +31,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from . import decompose
-from ._ops import mode_dot, unfold
-from .formats import canonical_name
-from .ranks import (
-    ConcreteRank,
-    RankBudgetWarning,
-    param_count,
-    rank_caps,
-    resolve_rank,
-    train_modes,
-)
+from .formats import FactorizedMatrix, get_format
+from .formats.base import Option
+from .ranks import ConcreteRank, RankBudgetWarning, smallest_rank
 from .shapes import Modes, validate_modes
 
 __all__ = ["DEFAULT_CANDIDATES", "allocate_ranks"]
 
-F64 = torch.float64
 TOLERANCE = 0.02
 #: Default candidate fractions of each weight's dense parameter count.
 DEFAULT_CANDIDATES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
-CHAIN_SAMPLES = 24  # chain members whose error is computed by an actual decomposition
 REACH = 3  # how far (in candidates) each of two weights moves in one exchange of _polish
-
-Option = tuple[int, float, ConcreteRank]  # (parameters, squared error, concrete rank)
 
 
 def allocate_ranks(
@@ -114,8 +89,9 @@ def allocate_ranks(
         >>> allocate_ranks([low, full], [((32,), (32,))] * 2, "lowrank", 20 * 65)
         [2, 18]
     """
-    fmt = canonical_name(factorization)
-    entries = _check_entries(weights, modes, fmt)
+    cls = get_format(factorization)
+    fmt = cls.name
+    entries = _check_entries(weights, modes, cls)
     fractions = _check_candidates(candidates)
     if decomposition_kwargs is not None and not isinstance(decomposition_kwargs, Mapping):
         raise TypeError(
@@ -125,24 +101,23 @@ def allocate_ranks(
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
         raise TypeError(f"budget must be a number of parameters (an int), got {budget!r}")
     dense_total = sum(math.prod(W.shape) for W, *_ in entries)
-    min_total = dense_total
-    if fmt != "dense":  # all ranks 1
-        ones = [
-            1 if fmt in ("cp", "lowrank") else (1,) * len(rank_caps(fmt, i, o, L))
-            for _, i, o, L in entries
-        ]
-        min_total = sum(param_count(fmt, i, o, r, L) for (_, i, o, L), r in zip(entries, ones))
+    min_total = sum(  # all ranks 1
+        cls.param_count(i, o, smallest_rank(cls, cls.rank_caps(i, o, L)), L)
+        for _, i, o, L in entries
+    )
     if not min_total <= budget <= dense_total:
         raise ValueError(
             f"budget={budget} is outside the reachable range [{min_total}, {dense_total}] for "
             f"factorization={fmt!r}: the smallest ranks give {min_total} parameters and the "
             f"dense weights have {dense_total}"
         )
-    if fmt == "dense":
+    if cls.rank_kind == "none":
         return [None] * len(entries)
-    if fmt == "cp":  # ALS cost grows as R^3: skip fractions far above the overall one
-        fractions = tuple(f for f in fractions if f <= 2 * budget / dense_total) or fractions[:1]
-    curves = [_curve(fmt, W, i, o, L, fractions, kwargs) for W, i, o, L in entries]
+    limit = cls.curve_fraction_limit  # a costly curve: skip fractions far above the budget's
+    if limit is not None:
+        fractions = tuple(f for f in fractions if f <= limit * budget / dense_total)
+        fractions = fractions or _check_candidates(candidates)[:1]
+    curves = [cls.error_curve(W, i, o, L, fractions, kwargs) for W, i, o, L in entries]
     choice = _allocate(curves, float(budget))
     total = sum(curve[j][0] for curve, j in zip(curves, choice))
     if abs(total - budget) > TOLERANCE * budget:
@@ -158,7 +133,9 @@ def allocate_ranks(
 # --------------------------------------------------------------------------- validation
 
 
-def _check_entries(weights, modes, fmt: str) -> list[tuple[Tensor, Modes, Modes, int]]:
+def _check_entries(
+    weights: Sequence[Tensor], modes: Sequence, cls: type[FactorizedMatrix]
+) -> list[tuple[Tensor, Modes, Modes, int]]:
     for name, seq in (("weights", weights), ("modes", modes)):
         if isinstance(seq, Tensor) or not isinstance(seq, Sequence) or len(seq) == 0:
             raise TypeError(f"{name} must be a non-empty list, got {type(seq).__name__}")
@@ -180,11 +157,10 @@ def _check_entries(weights, modes, fmt: str) -> list[tuple[Tensor, Modes, Modes,
             raise ValueError(f"modes[{k}] must be a pair (in_modes, out_modes), got {pair!r}")
         in_modes = validate_modes(pair[0], W.shape[-1], f"modes[{k}][0] (in_modes)")
         out_modes = validate_modes(pair[1], W.shape[-2], f"modes[{k}][1] (out_modes)")
-        if fmt == "blocktt" and len(in_modes) != len(out_modes):
-            raise ValueError(
-                f"factorization='blocktt' needs as many in modes as out modes; modes[{k}] is "
-                f"{(in_modes, out_modes)}"
-            )
+        try:
+            cls.check_modes(in_modes, out_modes)
+        except ValueError as exc:
+            raise ValueError(f"modes[{k}] = {(in_modes, out_modes)}: {exc}") from None
         entries.append((W.detach(), in_modes, out_modes, W.shape[0] if W.ndim == 3 else 1))
     return entries
 
@@ -200,168 +176,6 @@ def _check_candidates(candidates) -> tuple[float, ...]:
                 f"candidates must be fractions in (0, 1] of each weight's parameters, got {c!r}"
             )
     return tuple(float(c) for c in candidates)
-
-
-# --------------------------------------------------------------------------- error curves
-
-
-def _curve(fmt, W, in_modes, out_modes, n_layers, fractions, kwargs) -> list[Option]:
-    """Candidate ``(params, squared error, rank)`` of one weight, sorted by params."""
-    lead = (n_layers,) if n_layers > 1 else ()
-    X = W.to(F64).reshape(*lead, *out_modes, *in_modes)
-    norm_sq = float(X.pow(2).sum())
-
-    def count(rank: ConcreteRank) -> int:
-        return param_count(fmt, in_modes, out_modes, rank, n_layers)
-
-    if fmt == "lowrank":
-        s2 = torch.linalg.svdvals(W.to(F64).reshape(n_layers, *W.shape[-2:])).pow(2).sum(0)
-        tails = _tails(s2)
-        return [(count(r), float(tails[r]), r) for r in range(1, len(s2) + 1)]
-    family = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RankBudgetWarning)
-        for f in fractions:
-            try:
-                family.append(resolve_rank(fmt, in_modes, out_modes, f, n_layers))
-            except ValueError:  # this fraction is outside what the format reaches here
-                continue
-    if fmt == "cp":
-        ranks = sorted({1, *family})
-        options = []
-        for r in ranks:
-            # float32 weights: cp_als runs its big GEMMs in float32 (twice as fast)
-            error = _cp_error_sq(X.to(W.dtype), r, norm_sq, kwargs)
-            if error is not None:
-                options.append((count(r), error, r))
-        return options
-    caps = rank_caps(fmt, in_modes, out_modes, n_layers)
-    if fmt == "tucker":
-        offset = len(lead)
-        bases, tails = [], []
-        for k in range(len(caps)):
-            M = unfold(X, offset + k)
-            vals, vecs = torch.linalg.eigh(M @ M.T)  # left singular vectors of the unfolding
-            bases.append(vecs.flip(-1))
-            tails.append(_tails(vals.flip(-1).clamp_min(0)))
-        chain = _sample(_chain(tails, caps, count), count, 4 * CHAIN_SAMPLES)
-
-        def error(rank: ConcreteRank) -> float:
-            return _tucker_error_sq(X, bases, rank, offset, norm_sq)
-
-    else:
-        sizes = train_modes(fmt, in_modes, out_modes, n_layers)
-        T = (X if fmt == "tt" else _pairs(X, len(lead), len(out_modes))).reshape(sizes)
-        # Float32 sweeps are 3x faster and precise enough for a curve, unless W is float64.
-        T = T.to(F64 if W.dtype == F64 else torch.float32)
-        tails = []
-        for k in range(len(caps)):
-            M = T.reshape(math.prod(sizes[: k + 1]), -1)
-            tails.append(_tails(torch.linalg.eigvalsh(_gram(M)).flip(-1).clamp_min(0)))
-        chain = _sample(_chain(tails, caps, count), count, CHAIN_SAMPLES)
-
-        def error(rank: ConcreteRank) -> float:
-            return _train_error_sq(T, rank, norm_sq)
-
-    ranks = list(dict.fromkeys([*chain, *family]))
-    return sorted((count(r), error(r), r) for r in ranks)
-
-
-def _gram(M: Tensor) -> Tensor:
-    """``M M^T`` or ``M^T M``, whichever is smaller (same nonzero eigenvalues)."""
-    return M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
-
-
-def _tails(s2: Tensor) -> Tensor:
-    """``tails[r] = sum(s2[r:])`` for ``r = 0 .. len(s2)``: the error of keeping ``r``."""
-    rev = torch.cumsum(s2.flip(0), 0).flip(0)
-    return torch.cat([rev, rev.new_zeros(1)])
-
-
-def _chain(tails: list[Tensor], caps: tuple[int, ...], count) -> list[tuple[int, ...]]:
-    """Rank tuples from all 1s to ``caps``, each step raising the rank with the largest
-    decrease of the bound ``sum_k tails[k][r_k]`` per added parameter."""
-    r = [1] * len(caps)
-    chain = [tuple(r)]
-    current = count(tuple(r))
-    while any(v < c for v, c in zip(r, caps)):
-        best, best_ratio, best_count = -1, -1.0, 0
-        for k, cap in enumerate(caps):
-            if r[k] >= cap:
-                continue
-            r[k] += 1
-            added = count(tuple(r))
-            r[k] -= 1
-            gain = float(tails[k][r[k]] - tails[k][r[k] + 1])
-            ratio = gain / max(added - current, 1)
-            if ratio > best_ratio:
-                best, best_ratio, best_count = k, ratio, added
-        r[best] += 1
-        current = best_count
-        chain.append(tuple(r))
-    return chain
-
-
-def _sample(chain: list[tuple[int, ...]], count, n: int) -> list[tuple[int, ...]]:
-    """At most about ``n`` members spread evenly in log(params), with both ends."""
-    if len(chain) <= n:
-        return chain
-    logs = [math.log(count(r)) for r in chain]
-    targets = [logs[0] + (logs[-1] - logs[0]) * j / (n - 1) for j in range(n)]
-    picked, i = [], 0
-    for t in targets:
-        while i + 1 < len(logs) and logs[i + 1] <= t:
-            i += 1
-        picked.append(chain[i])
-    return list(dict.fromkeys([*picked, chain[-1]]))
-
-
-def _tucker_error_sq(X: Tensor, bases: list[Tensor], rank, offset: int, norm_sq: float) -> float:
-    core = X
-    for k in sorted(range(len(rank)), key=lambda k: rank[k] / bases[k].shape[0]):
-        core = mode_dot(core, bases[k][:, : rank[k]].T, offset + k)
-    return max(norm_sq - float(core.pow(2).sum()), 0.0)
-
-
-def _pairs(X: Tensor, lead: int, m: int) -> Tensor:
-    """``([L,] out_1..out_m, in_1..in_m) -> ([L,] out_1, in_1, ..., out_m, in_m)``."""
-    perm = list(range(lead))
-    for k in range(m):
-        perm += [lead + k, lead + m + k]
-    return X.permute(perm)
-
-
-def _train_error_sq(T: Tensor, rank: tuple[int, ...], norm_sq: float) -> float:
-    """Squared error of the TT-SVD of ``T`` (train layout) at ``rank``.
-
-    The sweep of :func:`tensorized.decompose.tensor_train`, but each step only needs the
-    leading singular subspace and the discarded energy, taken from the eigendecomposition of
-    the smaller Gram matrix of the unfolding (much cheaper than its SVD): the TT-SVD error is
-    exactly the sum of the energies discarded at each step.
-    """
-    sizes, C, kept, error = T.shape, T, 1, 0.0
-    for k, r in enumerate(rank):
-        C = C.reshape(kept * sizes[k], -1)
-        left = C.shape[0] <= C.shape[1]
-        vals, vecs = torch.linalg.eigh(C @ C.T if left else C.T @ C)
-        kept = min(r, len(vals))
-        error += float(vals[: len(vals) - kept].clamp_min(0).sum())
-        top, vals = vecs[:, len(vals) - kept :], vals[len(vals) - kept :]
-        # U_r^T C, (kept, rest): with right singular vectors V_r it is diag(s_r) V_r^T
-        C = top.T @ C if left else (top * vals.clamp_min(0).sqrt()).T
-    return min(error, norm_sq)
-
-
-def _cp_error_sq(X: Tensor, rank: int, norm_sq: float, kwargs) -> float | None:
-    # Short runs by design: the options of the final decomposition may ask for many more.
-    options = {"tol": 1e-3, **kwargs, "n_iter_max": min(10, kwargs.get("n_iter_max", 10))}
-    try:
-        result = decompose.cp_als(X, rank, **options)
-    except ValueError:
-        if rank == 1:  # bad options: say so
-            raise
-        return None  # a rank too costly to run (cp_als's max_iter_flops): not a candidate
-    return result.errors[-1] ** 2 * norm_sq
 
 
 # --------------------------------------------------------------------------- allocation

@@ -437,31 +437,15 @@ def _bias(layer: FactorizedLinear, i: int) -> Tensor | None:
 
 @torch.no_grad()
 def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
-    """Data-aware start: whitened truncated SVD for 'lowrank', the weight itself for
-    'dense', then the least-squares bias for any format."""
+    """Data-aware start: the format's closed-form fit in the input-weighted norm where it
+    has one (``FactorizedMatrix.fit_closed_form``), then the least-squares bias."""
     weight = layer.weight
     for i, prob in enumerate(problems):
-        if layer.factorization == "dense":
-            weight.weight.view(-1, *prob.W.shape)[i].copy_(prob.W)
-        if layer.factorization != "lowrank":
-            continue
-        # min ||(W - What) S||_F over rank r, with S S^T = C the input second moment (centred
-        # when the bias absorbs the mean): What = U_r U_r^T W, U_r the leading eigenvectors of
-        # W C W^T = (W S)(W S)^T, i.e. the leading left singular vectors of W S.
+        # The input second moment, centred when the bias absorbs the mean.
         C = prob.gram
         if layer.bias is None:
             C = C + prob.n_fit * torch.outer(prob.mean, prob.mean)
-        out_features, in_features = prob.W.shape
-        if out_features <= in_features:
-            U_r = torch.linalg.eigh(prob.W @ C @ prob.W.T)[1].flip(-1)[:, : weight.rank]
-        else:
-            lam, vecs = torch.linalg.eigh(C)
-            S = vecs * lam.clamp_min(0).sqrt()
-            U_r = torch.linalg.svd(prob.W @ S, full_matrices=False)[0][:, : weight.rank]
-        A, sigma, Bh = torch.linalg.svd(U_r.T @ prob.W, full_matrices=False)
-        weight.U[i].copy_(U_r @ A)
-        weight.s[i].copy_(sigma)
-        weight.V[i].copy_(Bh.T)
+        weight.fit_closed_form(i if layer.n_layers > 1 else None, prob.W, C)
     if layer.bias is not None:
         for i, prob in enumerate(problems):
             W_hat = weight.to_matrix(i if layer.n_layers > 1 else None).to(F64)
@@ -506,9 +490,9 @@ def _fit(layer: FactorizedLinear, problems: list, steps: int, lr, before: list[f
     _closed_form(layer, problems)
     consider()
     taken = 0
-    # the closed form already minimizes the loss of 'lowrank' and 'dense' (with a bias to fit)
+    # an exact closed form already minimizes the loss (with a bias to fit)
     offset_free = layer.bias is not None or all(not p.b.any() for p in problems)
-    exact = layer.factorization in ("lowrank", "dense") and offset_free
+    exact = type(layer.weight).closed_form_exact and offset_free
     if steps > 0 and not exact:
         params = list(layer.parameters())
         for p in params:

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from .formats import FORMATS
 from .linear import FactorizedLinear, LinearView
 from .serialize import save_model
 from .shapes import tensorize_shape
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without loading it
+    from .transform import TensorizeConfig
 
 __all__ = ["CLIError", "format_table", "inspect_model", "main", "parse_rank", "selfcheck"]
 
@@ -50,7 +53,7 @@ def selfcheck(size: int = 256, fraction: float = 0.25) -> list[dict]:
     ins, outs = tensorize_shape(size, size)
     rows = []
     for name, cls in FORMATS.items():
-        rank = "same" if name == "dense" else fraction
+        rank = "same" if cls.rank_kind == "none" else fraction
         start = time.perf_counter()
         module = cls.from_matrix(weight, ins, outs, rank)
         seconds = time.perf_counter() - start
@@ -128,7 +131,7 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------- loading
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> TensorizeConfig:
     from .transform import TensorizeConfig
 
     values: dict[str, Any] = {}
@@ -244,7 +247,7 @@ def inspect_model(model: nn.Module) -> dict[str, Any]:
                 }
             )
         elif isinstance(m, LinearView):
-            views.append({"name": name, "index": m.index, "parent": names.get(id(m.parent))})
+            views.append({"name": name, "index": m.indices, "parent": names.get(id(m.parent))})
     total = sum(p.numel() for p in model.parameters())
     factorized = {
         id(p): p.numel() for l_ in layers for p in model.get_submodule(l_["name"]).parameters()

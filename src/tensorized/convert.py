@@ -1,21 +1,19 @@
-"""Building a :class:`~tensorized.FactorizedLinear` from trained ``nn.Linear`` layers: the
-validation and decomposition behind ``from_linear`` and ``from_linear_list``."""
+"""Decomposing trained ``nn.Linear`` layers: the validation and decomposition behind
+``FactorizedLinear.from_linear`` and ``from_linear_list`` (which wrap the result with
+``FactorizedLinear.from_weight``)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._ops import frobenius_error
-from .formats import get_format
+from .formats import FactorizedMatrix, get_format
 from .shapes import resolve_modes, validate_modes
-
-if TYPE_CHECKING:
-    from .linear import FactorizedLinear
 
 
 def check_linear_list(linear_list: Any) -> list[nn.Linear]:
@@ -46,8 +44,7 @@ def check_linear_list(linear_list: Any) -> list[nn.Linear]:
     return linear_list
 
 
-def from_weights(
-    cls: type[FactorizedLinear],
+def decompose_linears(
     linears: list[nn.Linear],
     in_spec: Any,
     out_spec: Any,
@@ -58,12 +55,15 @@ def from_weights(
     *,
     auto_tensorize: bool,
     n_tensorized_modes: int,
-    implementation: str,
-    checkpointing: bool,
     verbose: bool,
     joint: bool,
-) -> FactorizedLinear:
-    """Decompose the stacked (``joint``) or single weight and wrap it in a layer of ``cls``."""
+) -> tuple[FactorizedMatrix, Tensor | bool]:
+    """Decompose the stacked (``joint``) or single weight.
+
+    Returns:
+        The factorized weight and the bias for ``FactorizedLinear.from_weight``: the
+        source's (stacked for ``joint``; zeros where a source has none) or ``False``.
+    """
     source = linears[0].weight
     out_features, in_features = source.shape
     if (in_spec is None or out_spec is None) and not auto_tensorize:
@@ -91,37 +91,25 @@ def from_weights(
             raise ValueError(f"{where}.weight contains NaN or Inf values; cannot decompose it")
         if bias and lin.bias is not None and not torch.isfinite(lin.bias).all():
             raise ValueError(f"{where}.bias contains NaN or Inf values")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}")
     W = torch.stack([lin.weight.detach() for lin in linears]) if joint else source.detach()
     start = time.perf_counter()
     fmt = get_format(factorization)
     weight = fmt.from_matrix(W, in_modes, out_modes, rank, **(decomposition_kwargs or {}))
-    # Its random init is replaced below: keep it off the caller's RNG stream.
-    with torch.random.fork_rng(devices=[source.device] if source.is_cuda else []):
-        layer = cls(
-            in_modes,
-            out_modes,
-            bias,
-            factorization,
-            weight.rank,
-            weight.n_layers,
-            implementation=implementation,
-            checkpointing=checkpointing,
-            device=source.device,
-            dtype=source.dtype,
-        )
-    layer.weight = weight
+    b: Tensor | bool = False
     if bias:
         with torch.no_grad():
             biases = [
                 lin.bias.detach() if lin.bias is not None else torch.zeros_like(source[:, 0])
                 for lin in linears
             ]
-            layer.bias.copy_(torch.stack(biases) if joint else biases[0])
+            b = torch.stack(biases) if joint else biases[0]
     if verbose:
         err = frobenius_error(W, weight.to_matrix().detach())
         print(
-            f"{cls.__name__}.from_linear{'_list' if joint else ''}: {factorization} "
+            f"FactorizedLinear.from_linear{'_list' if joint else ''}: {fmt.name} "
             f"rank={weight.rank}, relative weight error {err:.4g}, "
             f"{time.perf_counter() - start:.2f}s"
         )
-    return layer
+    return weight, b

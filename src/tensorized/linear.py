@@ -6,16 +6,17 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .convert import check_linear_list, from_weights
-from .formats import canonical_name, get_format
-from .formats.base import FactorizedMatrix
-from .plan import Plan, make_plan, planned_strategy
+from . import convert, interop
+from ._index import normalize_index
+from .formats import FactorizedMatrix, Strategy, get_format
+from .plan import Plan, any_batch_strategy, cached_strategy, make_plan, planned_strategy
+from .plan import signature_id
 from .ranks import ConcreteRank, RankSpec
 from .shapes import Modes, resolve_modes
 
@@ -24,10 +25,23 @@ __all__ = ["FactorizedLinear", "LinearView"]
 TensorizedFeatures = int | Sequence[int]
 
 
+class _Merged(NamedTuple):
+    """Operands kept by :meth:`FactorizedLinear.merge`: one tuple per layer index."""
+
+    strategy: Strategy
+    operands: dict[int | None, tuple[Tensor, ...]]
+
+
 def _tracing() -> bool:
     """Whether a graph is being captured (torch.compile / torch.export, or the TorchScript
     tracer of the legacy ONNX exporter)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class FactorizedLinear(nn.Module):
@@ -38,25 +52,28 @@ class FactorizedLinear(nn.Module):
     ``factorization``. With ``n_layers > 1`` the tensor has a leading layer mode and the layer
     holds that many linear maps that share factors; ``indices`` picks one in :meth:`forward`.
 
+    The layer holds its parameters and nothing larger: every call computes from the factors.
+    Keeping the rebuilt operands (e.g. the dense matrix) for faster inference is an explicit,
+    reversible choice: :meth:`merge` / :meth:`unmerge`.
+
     Args:
         in_tensorized_features: modes of the input features, e.g. ``(8, 8, 16)`` for 1024, or
             an int to split automatically.
         out_tensorized_features: modes of the output features, or an int.
         bias: whether to add a learnable bias (one per layer).
         factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'blocktt'`` (aliases ``'ttm'``,
-            ``'tt-matrix'``), ``'lowrank'`` or ``'dense'``; case-insensitive.
+            ``'tt-matrix'``), ``'lowrank'``, ``'dense'`` or a registered format;
+            case-insensitive.
         rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
             of concrete ranks (see :mod:`tensorized.ranks`).
         n_layers: number of layers sharing the factorized tensor.
         implementation: ``'auto'`` (the planner picks, per batch size, dtype, device and
-            mode, the strategy with the least estimated time; see :meth:`plan`), or a fixed
-            strategy: ``'factorized'`` (contract the input with the factors),
-            ``'reconstructed'`` (rebuild the matrix, then one GEMM), or a format's hybrid
-            (``'kron'`` for Tucker, ``'halves'`` for TT). In inference (no autograd) the
-            weight-only part of the strategy (e.g. the rebuilt matrix) is cached until a
-            parameter changes.
+            mode, the strategy with the least estimated time; see :meth:`plan`), or the name
+            of a strategy of the format: ``'factorized'`` (contract the input with the
+            factors), ``'reconstructed'`` (rebuild the matrix, then one GEMM), or a hybrid
+            (``'kron'`` for Tucker, ``'halves'`` for TT, ``'sequential'`` for CP).
         checkpointing: recompute the forward during backward to save activation memory.
-        device: device of the parameters.
+        device: device of the parameters (``'meta'`` works).
         dtype: dtype of the parameters.
 
     Shapes:
@@ -67,6 +84,9 @@ class FactorizedLinear(nn.Module):
         >>> layer(torch.randn(32, 64)).shape
         torch.Size([32, 16])
     """
+
+    weight: FactorizedMatrix
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -91,37 +111,116 @@ class FactorizedLinear(nn.Module):
         in_modes, out_modes = resolve_modes(in_tensorized_features, out_tensorized_features, None)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}")
-        self.factorization = canonical_name(factorization)
-        self.weight: FactorizedMatrix = get_format(self.factorization)(
-            in_modes, out_modes, rank, n_layers, device=device, dtype=dtype
-        )
+        fmt = get_format(factorization)
+        weight = fmt.empty(in_modes, out_modes, rank, n_layers, device=device, dtype=dtype)
+        shape = (n_layers, weight.out_features) if n_layers > 1 else (weight.out_features,)
+        b = nn.Parameter(torch.empty(shape, device=device, dtype=dtype)) if bias else None
+        self._bind(weight, b, implementation, checkpointing)
+        self.reset_parameters()
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: FactorizedMatrix,
+        bias: Tensor | bool | None = None,
+        *,
+        implementation: str = "auto",
+        checkpointing: bool = False,
+    ) -> FactorizedLinear:
+        """A layer around an already built factorized weight (no initialization is drawn).
+
+        The one construction path that :meth:`from_linear`, :meth:`from_linear_list`,
+        :meth:`from_tensorly` and :func:`~tensorized.tensorize_` take.
+
+        Args:
+            weight: a :class:`~tensorized.FactorizedMatrix` of any registered format; the
+                layer uses this module itself (no copy).
+            bias: ``None``/``False`` (no bias), ``True`` (a zero bias) or a tensor of shape
+                ``(out_features,)`` (``(n_layers, out_features)`` with a layer mode), copied
+                unless it is already an ``nn.Parameter``.
+            implementation: as in the constructor.
+            checkpointing: as in the constructor.
+
+        Example:
+            >>> tt = tz.formats.get_format("tt")
+            >>> w = tt.from_matrix(torch.randn(16, 64), (8, 8), (4, 4), rank=(4, 8, 8))
+            >>> tz.FactorizedLinear.from_weight(w, torch.zeros(16)).rank
+            (4, 8, 8)
+        """
+        if not isinstance(weight, FactorizedMatrix):
+            raise TypeError(
+                f"weight must be a tensorized.FactorizedMatrix, got {type(weight).__name__}"
+            )
+        ref = next(weight.parameters())
+        L, out = weight.n_layers, weight.out_features
+        shape = (L, out) if L > 1 else (out,)
+        param: nn.Parameter | None = None
+        if bias is True:
+            param = nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
+        elif isinstance(bias, Tensor):
+            if tuple(bias.shape) != shape:
+                raise ValueError(
+                    f"bias must have shape {shape} for this weight, got {tuple(bias.shape)}"
+                )
+            if not bias.is_floating_point():
+                raise TypeError(f"bias must be a floating tensor, got dtype {bias.dtype}")
+            if isinstance(bias, nn.Parameter):
+                param = bias
+            else:
+                param = nn.Parameter(bias.detach().to(ref.device, ref.dtype, copy=True))
+        elif bias is not None and bias is not False:
+            raise TypeError(
+                f"bias must be None, a bool or a tensor, got {type(bias).__name__} {bias!r}"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._bind(weight, param, implementation, checkpointing)
+        return layer
+
+    def _bind(
+        self,
+        weight: FactorizedMatrix,
+        bias: nn.Parameter | None,
+        implementation: str,
+        checkpointing: bool,
+    ) -> None:
+        """Register the weight and bias, and bind once what every forward needs."""
+        self.weight = weight
+        self.factorization = weight.name
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = bias
         self.implementation = implementation
         self.checkpointing = bool(checkpointing)
-        if bias:
-            shape = (n_layers, self.out_features) if n_layers > 1 else (self.out_features,)
-            self.bias = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        self._merged: _Merged | None = None
+        self._signature_id = signature_id(weight.signature_key)
+        self._bind_parameters()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _bind_parameters(self) -> None:
+        # A plain tuple (not registered): forward reads dtypes and requires_grad flags from it
+        # without walking the module tree. Rebound whenever parameters may be replaced
+        # (to(), to_empty(), load_state_dict(assign=True)).
+        self._weight_params = tuple(self.weight.parameters())
 
     # ------------------------------------------------------------------ attributes
 
     @property
     def implementation(self) -> str:
-        """``'auto'`` or a fixed strategy name from ``self.weight.strategies``."""
+        """``'auto'`` or the name of one of the format's strategies."""
         return self._implementation
 
     @implementation.setter
     def implementation(self, value: str) -> None:
-        valid = ("auto", *self.weight.strategies)
-        if value not in valid:
+        valid = ("auto", *self.weight.strategy_names())
+        if not isinstance(value, str) or value not in valid:
             raise ValueError(
                 f"implementation must be one of {valid} for factorization="
                 f"{self.factorization!r}, got {value!r}"
             )
         self._implementation = value
-        self._plans: dict[tuple, str] = {}
-        self._operand_cache: dict[tuple, tuple] = {}
+        self._fixed = None if value == "auto" else self.weight.strategy(value)
 
     @property
     def in_features(self) -> int:
@@ -157,18 +256,21 @@ class FactorizedLinear(nn.Module):
     @property
     def num_params(self) -> int:
         """Stored parameters, bias included."""
-        return sum(p.numel() for p in self.parameters())
+        return self.weight.num_params + (0 if self.bias is None else self.bias.numel())
 
     def extra_repr(self) -> str:
         dense = self.n_layers * self.in_features * self.out_features
         ratio = dense / max(self.weight.num_params, 1)
         layers = f", n_layers={self.n_layers}" if self.n_layers > 1 else ""
+        merged = ""
+        if self._merged is not None:
+            merged = f", merged={self._merged.strategy.name!r} (+{self.merged_numel:,} kept)"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"in_tensorized_features={self.in_tensorized_features}, "
             f"out_tensorized_features={self.out_tensorized_features}, "
             f"factorization={self.factorization!r}, rank={self.rank}{layers}, "
-            f"bias={self.bias is not None}, implementation={self.implementation!r}, "
+            f"bias={self.bias is not None}, implementation={self.implementation!r}{merged}, "
             f"params={self.weight.num_params:,} vs dense {dense:,} ({ratio:.1f}x compression)"
         )
 
@@ -183,26 +285,112 @@ class FactorizedLinear(nn.Module):
         The reconstructed weight gets std ``1/sqrt(3 * in_features)`` (that of nn.Linear's
         uniform init) and the bias ``U(-1/sqrt(in_features), 1/sqrt(in_features))``.
         """
+        self.unmerge()
         self.weight.reset_parameters(1.0 / math.sqrt(3 * self.in_features))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ explicit caching
 
-    def _layer(self, indices: int) -> int | None:
-        if isinstance(indices, Tensor) and indices.numel() == 1 and not indices.is_floating_point():
-            indices = int(indices)
-        if isinstance(indices, bool) or not isinstance(indices, int):
-            raise TypeError(
-                f"indices must be an int layer index, got {type(indices).__name__} {indices!r}"
+    @torch.no_grad()
+    def merge(self, implementation: str | None = None) -> FactorizedLinear:
+        """Keep the weight-only operands of one strategy (e.g. the rebuilt dense matrix) so
+        that inference without autograd only pays the input side. Reversible
+        (:meth:`unmerge`); returns ``self``.
+
+        The kept operands are a snapshot of the parameters: ``train()``, ``load_state_dict``
+        and ``reset_parameters`` drop them, ``to()`` rebuilds them, and a forward that
+        records gradients computes from the parameters and drops them. After writing to
+        parameters by other means (``p.data``, an optimizer step outside a forward), call
+        ``merge()`` again. Never saved: state dicts, pickles and files hold parameters only.
+
+        Args:
+            implementation: the strategy to keep; ``None``: the fixed ``implementation``, or
+                for ``'auto'`` the strategy with the least worst-case estimated slowdown over
+                batch sizes 1 to 4096 when its operands are kept.
+
+        Example:
+            >>> layer = FactorizedLinear((8, 8), (8, 8), factorization="blocktt", rank=0.2)
+            >>> _ = layer.eval().merge("reconstructed")
+            >>> layer.merged_numel  # the dense 64 x 64 matrix
+            4096
+        """
+        name = implementation or self.implementation
+        if name == "auto":
+            param = self._weight_params[0]
+            name = any_batch_strategy(
+                self.weight, training=False, dtype=param.dtype,
+                device_type=param.device.type, cached=True,
             )
-        if not 0 <= indices < self.n_layers:
-            raise IndexError(
-                f"indices={indices} is out of range: this layer holds n_layers={self.n_layers} "
-                f"(valid: 0 to {self.n_layers - 1})"
-            )
-        return indices if self.n_layers > 1 else None
+        strategy = self.weight.strategy(name)
+        layers: list[int | None] = [None] if self.n_layers == 1 else list(range(self.n_layers))
+        with _no_autocast(self._weight_params[0].device.type):
+            operands = {
+                i: tuple(t.detach() for t in strategy.prepare(self.weight, i)) for i in layers
+            }
+        self._merged = _Merged(strategy, operands)
+        return self
+
+    def unmerge(self) -> FactorizedLinear:
+        """Drop the operands kept by :meth:`merge` (the layer then holds its parameters
+        only); returns ``self``."""
+        self._merged = None
+        return self
+
+    @property
+    def merged(self) -> bool:
+        """Whether :meth:`merge` operands are kept."""
+        return self._merged is not None
+
+    @property
+    def merged_numel(self) -> int:
+        """Elements held by :meth:`merge` beyond the parameters (0 when not merged)."""
+        if self._merged is None:
+            return 0
+        own = {p.untyped_storage().data_ptr() for p in self.parameters()}
+        seen, total = set(), 0
+        for ops in self._merged.operands.values():
+            for t in ops:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in own and ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes() // t.element_size()
+        return total
+
+    def train(self, mode: bool = True) -> FactorizedLinear:
+        """As ``nn.Module.train``; switching to training drops :meth:`merge` operands."""
+        if mode:
+            self.unmerge()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FactorizedLinear:
+        # to(), cuda(), half(), to_empty(): move the parameters, then rebuild kept operands
+        # from them (they are derived tensors, not state).
+        merged = self._merged
+        self._merged = None
+        super()._apply(fn, recurse)
+        self._bind_parameters()
+        if merged is not None and not any(p.is_meta for p in self._weight_params):
+            self.merge(merged.strategy.name)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles (torch.save of a module, deepcopy) hold parameters and buffers only; a
+        # merged layer is merged again when unpickled.
+        state = self.__dict__.copy()
+        merged = state.pop("_merged", None)
+        state["_merge_on_load"] = None if merged is None else merged.strategy.name
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        name = state.pop("_merge_on_load", None)
+        self.__dict__.update(state)
+        self._merged = None
+        if name is not None:
+            self.merge(name)
+
+    # ------------------------------------------------------------------ planning
 
     def plan(
         self,
@@ -216,124 +404,132 @@ class FactorizedLinear(nn.Module):
 
         Args:
             batch_size: rows of the input (all leading dims together).
-            training: whether autograd records the weight (then nothing can be cached);
-                defaults to what ``forward`` would see now: grad mode enabled and a factor
-                requiring grad, whatever ``self.training`` is (an ``eval()`` layer called
-                outside ``torch.no_grad()`` still records gradients).
+            training: whether autograd records the weight; defaults to what ``forward``
+                would see now: grad mode enabled and a factor requiring grad, whatever
+                ``self.training`` is (an ``eval()`` layer called outside ``torch.no_grad()``
+                still records gradients).
             dtype: compute dtype; defaults to the parameters'.
             device: defaults to the parameters'.
 
         Returns:
             A :class:`tensorized.plan.Plan`: ``plan.chosen`` is the strategy ``'auto'`` uses
-            (or the fixed ``implementation``), ``plan.costs`` has FLOPs, bytes, kernel calls
-            and the estimated time of each; ``print(plan)`` shows them as a table.
+            (or the fixed ``implementation``, or the merged one), ``plan.costs`` has FLOPs,
+            bytes, kernel calls and the estimated time of each; ``print(plan)`` shows them
+            as a table. Inference costs count the weight-only work on every call unless the
+            layer is merged.
         """
-        param = next(self.weight.parameters())
+        param = self._weight_params[0]
         device_type = torch.device(device).type if device is not None else param.device.type
+        grad = self._grad_flows() if training is None else training
+        cached = self._merged is not None and not grad
         plan = make_plan(
             self.weight,
             batch_size,
-            training=self._grad_flows() if training is None else training,
+            training=grad,
             dtype=dtype or param.dtype,
             device_type=device_type,
+            cached=cached,
         )
-        if self.implementation != "auto":
-            plan = dataclasses.replace(plan, chosen=self.implementation)
+        if cached and self._merged is not None:
+            plan = dataclasses.replace(plan, chosen=self._merged.strategy.name)
+        elif self._fixed is not None:
+            plan = dataclasses.replace(plan, chosen=self._fixed.name)
         return plan
 
     def implementation_for(self, batch: int) -> str:
         """The strategy ``forward`` uses for ``batch`` rows in the current mode."""
-        param = next(self.weight.parameters())
-        return self._strategy(batch, self._grad_flows(), param.dtype, param.device.type)
+        param = self._weight_params[0]
+        return self._strategy(max(batch, 1), self._grad_flows(), param.dtype, param.device).name
 
     def _grad_flows(self) -> bool:
-        """Whether a forward now records gradients of the weight (then nothing is cached)."""
-        return torch.is_grad_enabled() and self.weight.any_requires_grad()
+        """Whether a forward now records gradients of the weight."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._weight_params)
 
-    def _strategy(self, batch: int, grad: bool, dtype, device_type) -> str:
-        if self.implementation != "auto":
-            return self.implementation
-        if _tracing():
-            # Planned while tracing (not traced): the choice is a constant of the graph. A
-            # graph cannot keep the eager cache, so plan as if nothing is reused; and it may
-            # serve every batch size (dynamic=True, dynamo's automatic dynamic shapes after a
-            # second size, ONNX dynamic axes; traced code cannot tell a symbolic batch from a
-            # concrete one), so plan for all sizes: no guard on the batch, no recompile.
-            signature = self.weight.shape_signature
-            return planned_strategy(signature, None, True, dtype, device_type)
-        batch = max(batch, 1)  # an empty batch costs nothing: plan it like one row
-        key = (batch, grad, dtype, device_type)
-        choice = self._plans.get(key)
-        if choice is None:  # planned once per key; later calls are a dict lookup
-            choice = planned_strategy(self.weight.shape_signature, batch, grad, dtype, device_type)
-            self._plans[key] = choice
-        return choice
+    def _strategy(self, rows: int, grad: bool, dtype: torch.dtype, device: Any) -> Strategy:
+        if self._fixed is not None:
+            return self._fixed
+        key = (self._signature_id, rows, grad, False, dtype, device.type)
+        name = cached_strategy(
+            key, self.weight.signature_key, rows, grad, False, dtype, device.type
+        )
+        return self.weight._strategies[name]
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor, indices: int = 0) -> Tensor:
         """Apply layer ``indices``.
 
         Args:
             x: ``(..., in_features)``.
-            indices: which layer when ``n_layers > 1`` (must be 0 otherwise).
+            indices: which layer when ``n_layers > 1`` (an int, NumPy integer or one-element
+                integer tensor; negative counts from the end).
 
         Returns:
             ``(..., out_features)``.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
-        self.weight.check_input(x)
-        layer = self._layer(indices)
+        weight = self.weight
+        if x.ndim == 0 or x.shape[-1] != weight.in_features:
+            raise ValueError(
+                f"x must have in_features={weight.in_features} features in its last dim, got "
+                f"input shape {tuple(x.shape)}"
+            )
+        param = self._weight_params[0]
+        if x.dtype != param.dtype:
+            self._check_dtype(x, param.dtype)
+        n = weight.n_layers
+        if type(indices) is int and 0 <= indices < n:  # the common case, checked cheaply
+            layer = indices if n > 1 else None
+        else:
+            layer = normalize_index(indices, n)
+            layer = layer if n > 1 else None
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, layer, use_reentrant=False)
         return self._forward(x, layer)
 
+    @staticmethod
+    def _check_dtype(x: Tensor, dtype: torch.dtype) -> None:
+        if not x.is_floating_point():
+            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+        if not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the weight's parameters are {dtype}: convert one "
+                f"(x.to({dtype}) or layer.to({x.dtype}))"
+            )
+
     def _forward(self, x: Tensor, layer: int | None) -> Tensor:
+        weight = self.weight
         bias = self.bias
         if bias is not None and layer is not None:
             bias = bias[layer]
-        weight = self.weight
-        grad = self._grad_flows()
         x2d = x if x.ndim == 2 else x.reshape(-1, weight.in_features)
-        strategy = self._strategy(x2d.shape[0], grad, x.dtype, x.device.type)
-        if grad or _tracing():  # a graph computes the operands from the parameters
-            operands = weight.prepare(strategy, layer)
-        else:
-            operands = self._cached_operands(strategy, layer)
-        y = weight.apply(strategy, x2d, operands, bias)
-        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], weight.out_features)
-
-    def _cached_operands(self, strategy: str, layer: int | None) -> tuple[Tensor, ...]:
-        """The strategy's weight-only operands, reused while no parameter changes.
-
-        Only used without autograd. One entry per (strategy, layer), so the layers of a
-        joint weight do not evict each other; each is valid while the parameters' identity,
-        storage and version counters (bumped by every in-place update, optimizer steps
-        included) are unchanged.
-        """
-        versions = tuple((id(p), p.data_ptr(), p._version) for p in self.weight.parameters())
-        entry = self._operand_cache.get((strategy, layer))
-        if entry is None or entry[0] != versions:
-            # Prepared at the parameters' precision, outside any autocast, so one entry
-            # serves float32 and autocast forwards alike (apply's products still autocast).
-            device_type = next(self.weight.parameters()).device.type
-            off = (
-                torch.autocast(device_type, enabled=False)
-                if torch.amp.is_autocast_available(device_type)
-                else contextlib.nullcontext()
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._weight_params)
+        merged = self._merged
+        if _tracing():
+            # Planned while tracing (not traced): the choice is a constant of the graph, made
+            # for every batch size (a graph may serve them all: dynamic shapes, ONNX dynamic
+            # axes), and computed from the parameters.
+            strategy = self._fixed or weight.strategy(
+                planned_strategy(
+                    weight.signature_key, None, grad, x.dtype, x.device.type, False
+                )
             )
-            with off:
-                entry = (versions, self.weight.prepare(strategy, layer))
-            self._operand_cache[(strategy, layer)] = entry
-        return entry[1]
+            y = strategy.apply(weight, x2d, strategy.prepare(weight, layer), bias)
+        elif merged is not None and not grad:
+            y = merged.strategy.apply(weight, x2d, merged.operands[layer], bias)
+        else:
+            if merged is not None:  # gradients flow: the parameters are about to change
+                self._merged = None
+            strategy = self._strategy(max(x2d.shape[0], 1), grad, x.dtype, x.device)
+            y = strategy.apply(weight, x2d, strategy.prepare(weight, layer), bias)
+        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], weight.out_features)
 
     # ------------------------------------------------------------------ layers
 
     def get_linear(self, indices: int) -> LinearView:
         """A module computing layer ``indices`` with the shared parameters (no copy)."""
-        self._layer(indices)
-        return LinearView(self, indices)
+        return LinearView(self, normalize_index(indices, self.n_layers))
 
     def __getitem__(self, indices: int) -> LinearView:
         return self.get_linear(indices)
@@ -347,7 +543,8 @@ class FactorizedLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self, indices: int = 0) -> nn.Linear:
         """A plain ``nn.Linear`` holding a copy of layer ``indices``'s reconstructed weight."""
-        layer = self._layer(indices)
+        i = normalize_index(indices, self.n_layers)
+        layer = i if self.n_layers > 1 else None
         W = self.weight.to_matrix(layer)
         linear = nn.Linear(
             self.in_features,
@@ -368,9 +565,7 @@ class FactorizedLinear(nn.Module):
         ``TTMatrix`` (a dense tensor for 'dense') of shape ``([n_layers,] *out, *in)``, in
         TensorLy's current backend; a detached copy. Needs ``tensorly`` (imported here only);
         see :mod:`tensorized.interop` for the layout of the layer mode."""
-        from .interop import to_tensorly
-
-        return to_tensorly(self)
+        return interop.to_tensorly(self.weight)
 
     @classmethod
     def from_tensorly(
@@ -379,7 +574,11 @@ class FactorizedLinear(nn.Module):
         in_tensorized_features: Sequence[int],
         out_tensorized_features: Sequence[int],
         bias: bool = True,
-        **kwargs: Any,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        implementation: str = "auto",
+        checkpointing: bool = False,
     ) -> FactorizedLinear:
         """A layer whose weight is a TensorLy factorized tensor (or a dense array).
 
@@ -391,13 +590,18 @@ class FactorizedLinear(nn.Module):
             in_tensorized_features: the input modes.
             out_tensorized_features: the output modes.
             bias: whether the layer has a bias.
-            **kwargs: ``device``, ``dtype`` (default: those of ``tensor``'s arrays),
-                ``implementation``, ``checkpointing``.
+            device: defaults to that of ``tensor``'s arrays.
+            dtype: defaults to that of ``tensor``'s arrays.
+            implementation: as in the constructor.
+            checkpointing: as in the constructor.
         """
-        from .interop import from_tensorly
-
-        return from_tensorly(
-            cls, tensor, in_tensorized_features, out_tensorized_features, bias, **kwargs
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}")
+        weight = interop.from_tensorly(
+            tensor, in_tensorized_features, out_tensorized_features, device=device, dtype=dtype
+        )
+        return cls.from_weight(
+            weight, bias, implementation=implementation, checkpointing=checkpointing
         )
 
     # ------------------------------------------------------------------ from dense layers
@@ -441,8 +645,7 @@ class FactorizedLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        return from_weights(
-            cls,
+        weight, b = convert.decompose_linears(
             [linear],
             in_tensorized_features,
             out_tensorized_features,
@@ -452,11 +655,10 @@ class FactorizedLinear(nn.Module):
             decomposition_kwargs,
             auto_tensorize=auto_tensorize,
             n_tensorized_modes=n_tensorized_modes,
-            implementation=implementation,
-            checkpointing=checkpointing,
             verbose=verbose,
             joint=False,
         )
+        return cls.from_weight(weight, b, implementation=implementation, checkpointing=checkpointing)
 
     @classmethod
     def from_linear_list(
@@ -480,10 +682,8 @@ class FactorizedLinear(nn.Module):
         ``result[i]`` then computes (an approximation of) ``linear_list[i]``. Arguments are
         as in :meth:`from_linear`; ``rank`` counts the parameters of all layers together.
         """
-        linear_list = check_linear_list(linear_list)
-        return from_weights(
-            cls,
-            linear_list,
+        weight, b = convert.decompose_linears(
+            convert.check_linear_list(linear_list),
             in_tensorized_features,
             out_tensorized_features,
             rank,
@@ -492,25 +692,32 @@ class FactorizedLinear(nn.Module):
             decomposition_kwargs,
             auto_tensorize=auto_tensorize,
             n_tensorized_modes=n_tensorized_modes,
-            implementation=implementation,
-            checkpointing=checkpointing,
             verbose=verbose,
             joint=True,
         )
+        return cls.from_weight(weight, b, implementation=implementation, checkpointing=checkpointing)
+
+
+def _after_load(module: nn.Module, incompatible: Any) -> None:
+    """After ``load_state_dict`` (``assign=True`` replaces the parameter objects): rebind
+    them and drop kept operands, which were computed from the old values."""
+    if isinstance(module, FactorizedLinear):
+        module._bind_parameters()
+        module.unmerge()
 
 
 class LinearView(nn.Module):
-    """Layer ``index`` of a :class:`FactorizedLinear` with ``n_layers > 1``, sharing its
+    """Layer ``indices`` of a :class:`FactorizedLinear` with ``n_layers > 1``, sharing its
     parameters: training the view trains the shared tensor.
 
     Shapes:
         ``x``: ``(..., in_features)`` -> ``(..., out_features)``.
     """
 
-    def __init__(self, parent: FactorizedLinear, index: int) -> None:
+    def __init__(self, parent: FactorizedLinear, indices: int) -> None:
         super().__init__()
         self.parent = parent
-        self.index = index
+        self.indices = normalize_index(indices, parent.n_layers)
 
     @property
     def in_features(self) -> int:
@@ -521,15 +728,15 @@ class LinearView(nn.Module):
         return self.parent.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.parent(x, self.index)
+        return self.parent(x, self.indices)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` copy of this layer."""
-        return self.parent.to_linear(self.index)
+        return self.parent.to_linear(self.indices)
 
     def __repr__(self) -> str:
         p = self.parent
         return (
-            f"LinearView(index={self.index} of {p.n_layers}, in_features={p.in_features}, "
+            f"LinearView(indices={self.indices} of {p.n_layers}, in_features={p.in_features}, "
             f"out_features={p.out_features}, factorization={p.factorization!r})"
         )

@@ -31,11 +31,15 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Union
 
+from .formats._registry import get_format
 from .shapes import Modes
 
+if TYPE_CHECKING:
+    from .formats.base import FactorizedMatrix
+
 __all__ = [
-    "FORMAT_NAMES",
     "ConcreteRank",
     "RankBudgetWarning",
     "RankSpec",
@@ -44,9 +48,9 @@ __all__ = [
     "resolve_rank",
 ]
 
-FORMAT_NAMES = ("cp", "tucker", "tt", "blocktt", "lowrank", "dense")
 RankSpec = str | float | int | Sequence[int] | None
 ConcreteRank = int | tuple[int, ...] | None
+Format = Union[str, "type[FactorizedMatrix]"]
 
 BUDGET_TOLERANCE = 0.05
 
@@ -58,65 +62,27 @@ class RankBudgetWarning(UserWarning):
     """
 
 
-def _layer_modes(n_layers: int) -> Modes:
-    return (n_layers,) if n_layers > 1 else ()
-
-
-def train_modes(fmt: str, in_modes: Modes, out_modes: Modes, n_layers: int) -> Modes:
-    """Mode sizes of the train for 'tt' (all modes) or 'blocktt' (merged out*in pairs)."""
-    if fmt == "tt":
-        return _layer_modes(n_layers) + tuple(out_modes) + tuple(in_modes)
-    return _layer_modes(n_layers) + tuple(o * i for o, i in zip(out_modes, in_modes))
-
-
-def rank_caps(fmt: str, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
-    """Largest useful value of each concrete rank (the rank at which the format is exact).
+def rank_caps(fmt: Format, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
+    """Largest useful value of each concrete rank of ``fmt`` (a name or a format class): the
+    rank at which the format is exact.
 
     For ``cp`` the cap is ``prod(all sizes) / max(size)``, a rank at which CP can always
     represent the tensor exactly (a larger CP rank never helps).
     """
-    sizes = _layer_modes(n_layers) + tuple(out_modes) + tuple(in_modes)
-    if fmt == "cp":
-        return (math.prod(sizes) // max(sizes),)
-    if fmt == "lowrank":
-        return (min(math.prod(out_modes), math.prod(in_modes)),)
-    if fmt == "tucker":
-        return tuple(out_modes) + tuple(in_modes)
-    if fmt in ("tt", "blocktt"):
-        modes = train_modes(fmt, in_modes, out_modes, n_layers)
-        return tuple(
-            min(math.prod(modes[: k + 1]), math.prod(modes[k + 1 :])) for k in range(len(modes) - 1)
-        )
-    if fmt == "dense":
-        return ()
-    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMAT_NAMES}")
+    return get_format(fmt).rank_caps(tuple(in_modes), tuple(out_modes), n_layers)
 
 
 def param_count(
-    fmt: str, in_modes: Modes, out_modes: Modes, rank: ConcreteRank, n_layers: int = 1
+    fmt: Format, in_modes: Modes, out_modes: Modes, rank: ConcreteRank, n_layers: int = 1
 ) -> int:
-    """Exact number of parameters of a format at concrete ``rank`` (bias not included)."""
-    if rank is None and fmt != "dense":  # a user rank ('same', a float) is not concrete
+    """Exact number of parameters of ``fmt`` at concrete ``rank`` (bias not included)."""
+    cls = get_format(fmt)
+    if rank is None and cls.rank_kind != "none":  # a user rank ('same', a float) is not concrete
         raise TypeError(
-            f"param_count needs the concrete rank of factorization={fmt!r} (resolve_rank "
+            f"param_count needs the concrete rank of factorization={cls.name!r} (resolve_rank "
             f"gives it), got rank=None"
         )
-    n_in, n_out = math.prod(in_modes), math.prod(out_modes)
-    if fmt == "dense":
-        return n_layers * n_out * n_in
-    if fmt == "lowrank":
-        return n_layers * rank * (n_out + n_in + 1)
-    if fmt == "cp":
-        sizes = _layer_modes(n_layers) + tuple(out_modes) + tuple(in_modes)
-        return rank * (1 + sum(sizes))
-    if fmt == "tucker":
-        sizes = tuple(out_modes) + tuple(in_modes)
-        return n_layers * math.prod(rank) + sum(s * r for s, r in zip(sizes, rank))
-    if fmt in ("tt", "blocktt"):
-        modes = train_modes(fmt, in_modes, out_modes, n_layers)
-        full = (1, *rank, 1)
-        return sum(full[k] * modes[k] * full[k + 1] for k in range(len(modes)))
-    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMAT_NAMES}")
+    return cls.param_count(tuple(in_modes), tuple(out_modes), rank, n_layers)
 
 
 def _user_stacklevel() -> int:
@@ -130,12 +96,12 @@ def _user_stacklevel() -> int:
 
 
 def resolve_rank(
-    fmt: str, in_modes: Modes, out_modes: Modes, rank: RankSpec, n_layers: int = 1
+    fmt: Format, in_modes: Modes, out_modes: Modes, rank: RankSpec, n_layers: int = 1
 ) -> ConcreteRank:
     """Turn a user rank into the concrete rank of ``fmt`` (see the module docstring).
 
     Args:
-        fmt: canonical format name, one of ``FORMAT_NAMES``.
+        fmt: a registered format name (or alias), or a format class.
         in_modes: input modes, e.g. ``(8, 8, 16)``.
         out_modes: output modes.
         rank: ``'same'``, a float > 0, an int >= 1, or a tuple of concrete ranks.
@@ -158,27 +124,22 @@ def resolve_rank(
         >>> resolve_rank("tt", (4, 4), (4, 4), 2)
         (2, 2, 2)
     """
-    if fmt not in FORMAT_NAMES:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMAT_NAMES}")
-    if fmt == "blocktt" and len(in_modes) != len(out_modes):
-        raise ValueError(
-            f"factorization='blocktt' pairs each out mode with an in mode, so it needs as many "
-            f"in modes as out modes; got in modes {tuple(in_modes)} and out modes "
-            f"{tuple(out_modes)}"
-        )
+    cls = get_format(fmt)
+    name = cls.name
+    cls.check_modes(tuple(in_modes), tuple(out_modes))
     strict = True
     if rank is None or (isinstance(rank, str) and rank == "same"):
         rank, strict = 1.0, False  # 'same' means "about as many": the nearest count is fine
     if isinstance(rank, str):
         raise ValueError(f"rank={rank!r} is not valid; expected 'same', a float, an int or a tuple")
-    if fmt == "dense":
+    if cls.rank_kind == "none":
         if rank == 1.0 and not isinstance(rank, bool):
             return None
         raise ValueError(
-            f"factorization='dense' stores the full matrix; rank must be 'same' (or 1.0), "
+            f"factorization={name!r} stores the full matrix; rank must be 'same' (or 1.0), "
             f"got {rank!r}"
         )
-    caps = rank_caps(fmt, in_modes, out_modes, n_layers)
+    caps = cls.rank_caps(tuple(in_modes), tuple(out_modes), n_layers)
     if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
         rank = int(rank)  # e.g. numpy.int64
     if isinstance(rank, bool):
@@ -186,52 +147,46 @@ def resolve_rank(
     if isinstance(rank, int):
         if rank < 1:
             raise ValueError(f"an int rank must be >= 1, got rank={rank}")
-        return _from_int(fmt, rank, caps)
+        return _from_int(cls, rank, caps)
     if isinstance(rank, float):
         if not math.isfinite(rank) or rank <= 0:
             raise ValueError(
                 f"a float rank is a fraction of the dense parameter count and must be a "
                 f"finite number > 0, got rank={rank}"
             )
-        return _from_budget(fmt, in_modes, out_modes, rank, n_layers, caps, strict)
+        return _from_budget(cls, tuple(in_modes), tuple(out_modes), rank, n_layers, caps, strict)
     if isinstance(rank, Sequence):
-        return _from_tuple(fmt, tuple(rank), caps)
+        return _from_tuple(cls, tuple(rank), caps)
     raise TypeError(
         f"rank must be 'same', a float, an int or a tuple, got {type(rank).__name__} {rank!r}"
     )
 
 
-def _from_int(fmt: str, rank: int, caps: tuple[int, ...]) -> ConcreteRank:
-    if fmt in ("cp", "lowrank"):
+def _from_int(cls: type[FactorizedMatrix], rank: int, caps: tuple[int, ...]) -> ConcreteRank:
+    if cls.rank_kind == "int":
         return min(rank, caps[0])
     return tuple(min(rank, c) for c in caps)
 
 
-def _from_tuple(fmt: str, rank: tuple, caps: tuple[int, ...]) -> ConcreteRank:
-    if any(isinstance(r, bool) or not isinstance(r, int) for r in rank):
+def _from_tuple(cls: type[FactorizedMatrix], rank: tuple, caps: tuple[int, ...]) -> ConcreteRank:
+    if any(isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in rank):
         raise TypeError(f"a tuple rank must contain only ints, got rank={rank!r}")
-    if fmt in ("tt", "blocktt") and len(rank) == len(caps) + 2 and rank[0] == rank[-1] == 1:
-        rank = rank[1:-1]  # accept the boundary ranks (1, r_1, ..., r_{d-1}, 1)
+    rank = tuple(int(r) for r in rank)
+    rank = tuple(cls.normalize_rank_tuple(rank, caps))
     if len(rank) != len(caps):
-        what = {
-            "cp": "1 rank",
-            "lowrank": "1 rank",
-            "tucker": f"{len(caps)} ranks (one per out mode, then one per in mode)",
-            "tt": f"{len(caps)} inner ranks (or {len(caps) + 2} with the boundary 1s)",
-            "blocktt": f"{len(caps)} inner ranks (or {len(caps) + 2} with the boundary 1s)",
-        }[fmt]
-        raise ValueError(f"factorization={fmt!r} needs {what}, got rank={rank!r}")
+        what = "1 rank" if cls.rank_kind == "int" else cls.rank_help(len(caps))
+        raise ValueError(f"factorization={cls.name!r} needs {what}, got rank={rank!r}")
     for r, cap in zip(rank, caps):
         if r < 1 or r > cap:
             raise ValueError(
-                f"rank={rank!r} is out of range for factorization={fmt!r}: each rank must be "
-                f"between 1 and its maximum {caps}"
+                f"rank={rank!r} is out of range for factorization={cls.name!r}: each rank must "
+                f"be between 1 and its maximum {caps}"
             )
-    return rank[0] if fmt in ("cp", "lowrank") else rank
+    return rank[0] if cls.rank_kind == "int" else rank
 
 
 def _from_budget(
-    fmt: str,
+    cls: type[FactorizedMatrix],
     in_modes: Modes,
     out_modes: Modes,
     fraction: float,
@@ -239,20 +194,20 @@ def _from_budget(
     caps: tuple[int, ...],
     strict: bool = True,
 ) -> ConcreteRank:
-    dense = param_count("dense", in_modes, out_modes, None, n_layers)
+    fmt = cls.name
+    dense = n_layers * math.prod(in_modes) * math.prod(out_modes)
     target = fraction * dense
 
     def count(r: ConcreteRank) -> int:
-        return param_count(fmt, in_modes, out_modes, r, n_layers)
+        return cls.param_count(in_modes, out_modes, r, n_layers)
 
-    if fmt in ("cp", "lowrank"):
-        best = min(max(1, round(target / count(1))), caps[0])
+    if cls.rank_kind == "int":
+        best: ConcreteRank = min(max(1, round(target / count(1))), caps[0])
     else:
-        family = _tucker_family(caps) if fmt == "tucker" else _train_family(caps)
-        best = _fit_vector(family, count, target, caps)
+        best = _fit_vector(cls.rank_family(caps), count, target, caps)
     got = count(best)
-    lo_count = count(_smallest(fmt, caps))
-    hi_count = count(_largest(fmt, caps))
+    lo_count = count(smallest_rank(cls, caps))
+    hi_count = count(caps[0] if cls.rank_kind == "int" else caps)
     span = (
         f"for in modes {tuple(in_modes)} and out modes {tuple(out_modes)} this format spans "
         f"fractions {lo_count / dense:.3g} to {hi_count / dense:.3g}"
@@ -274,22 +229,11 @@ def _from_budget(
     return best
 
 
-def _smallest(fmt: str, caps: tuple[int, ...]) -> ConcreteRank:
-    return 1 if fmt in ("cp", "lowrank") else (1,) * len(caps)
-
-
-def _largest(fmt: str, caps: tuple[int, ...]) -> ConcreteRank:
-    return caps[0] if fmt in ("cp", "lowrank") else caps
-
-
-def _tucker_family(caps: tuple[int, ...]) -> Callable[[float], tuple[int, ...]]:
-    """Ranks proportional to the mode sizes: r_k = clip(round(t * n_k), 1, n_k)."""
-    return lambda t: tuple(min(c, max(1, round(t * c))) for c in caps)
-
-
-def _train_family(caps: tuple[int, ...]) -> Callable[[float], tuple[int, ...]]:
-    """One rank everywhere, clipped to what each bond can carry: r_k = min(round(t), cap_k)."""
-    return lambda t: tuple(min(c, max(1, round(t))) for c in caps)
+def smallest_rank(cls: type[FactorizedMatrix], caps: tuple[int, ...]) -> ConcreteRank:
+    """All ranks 1 in the format's layout (``None`` for a format without ranks)."""
+    if cls.rank_kind == "none":
+        return None
+    return 1 if cls.rank_kind == "int" else (1,) * len(caps)
 
 
 def _fit_vector(family, count, target: float, caps: tuple[int, ...]) -> tuple[int, ...]:

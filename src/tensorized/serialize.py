@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .formats import get_format
 from .linear import FactorizedLinear, LinearView
 from .transform import TensorizeConfig
 
@@ -54,7 +55,7 @@ def _placements(model: nn.Module) -> tuple[dict[str, dict], list[dict[str, Any]]
     for name, module in model.named_modules(remove_duplicate=False):  # parents before children
         if isinstance(module, LinearView):
             view_parents.add(f"{name}.parent" if name else "parent")
-            layer, index = module.parent, module.index
+            layer, index = module.parent, module.indices
         elif isinstance(module, FactorizedLinear) and name not in view_parents:
             layer, index = module, None
         else:
@@ -210,17 +211,21 @@ def _build_layer(spec: Mapping[str, Any], like: nn.Module, where: str) -> Factor
         rank = spec["rank"]
         rank = tuple(rank) if isinstance(rank, list) else rank
         param = next(like.parameters(), None)
-        layer = FactorizedLinear(
+        weight = get_format(spec["factorization"]).empty(  # filled by load_state_dict
             tuple(spec["in_modes"]),
             tuple(spec["out_modes"]),
-            spec["bias"],
-            spec["factorization"],
             rank,
             spec["n_layers"],
-            implementation=spec["implementation"],
-            checkpointing=spec["checkpointing"],
             device=None if param is None else param.device,
             dtype=None if param is None else param.dtype,
+        )
+        if not isinstance(spec["bias"], bool):
+            raise TypeError(f"bias must be a bool, got {spec['bias']!r}")
+        layer = FactorizedLinear.from_weight(
+            weight,
+            spec["bias"],
+            implementation=spec["implementation"],
+            checkpointing=spec["checkpointing"],
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(
@@ -282,7 +287,7 @@ def load_model(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        TypeError: ``base`` is not a module.
+        TypeError: ``base`` is not a module, or ``path`` is not a file path.
         ValueError: the file is not ours, is corrupt, or does not fit ``base`` (the message
             names the layer and the shapes).
 
@@ -296,13 +301,20 @@ def load_model(
         >>> type(tz.load_model(path, base=make())[0]).__name__
         'FactorizedLinear'
     """
+    file: str | os.PathLike | nn.Module | None = path
     if isinstance(path, nn.Module) and not isinstance(base, nn.Module):
-        path, base = base, path  # safetensors' order: load_model(module, filename)
+        file, base = base, path  # safetensors' order: load_model(module, filename)
     if not isinstance(base, nn.Module):
         raise TypeError(
             f"base must be a torch.nn.Module (a fresh instance of the saved architecture, e.g. "
             f"MyNet()), got {type(base).__name__}"
         )
+    if not isinstance(file, str | os.PathLike):
+        raise TypeError(
+            f"path must be a str or os.PathLike (the file written by save_model), got "
+            f"{type(file).__name__}"
+        )
+    path = file
     model = base
     header = _read_header(path)
     groups, places, aliases = (_json(header, k, path) for k in ("groups", "places", "aliases"))

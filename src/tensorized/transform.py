@@ -158,7 +158,7 @@ class TensorizeConfig:
             if name != "order" or self.order is not None:
                 _check_int(name, getattr(self, name), low)
         _check_int("calibration_rows", self.calibration_rows, 1)
-        strategies = ("auto", *get_format(self.factorization).strategies)
+        strategies = ("auto", *get_format(self.factorization).strategy_names())
         if not isinstance(self.implementation, str):
             raise _bad("implementation", self.implementation, f"one of {strategies}", TypeError)
         if self.implementation not in strategies:

@@ -1,67 +1,51 @@
 """Factorized weight formats and their registry.
 
-Each format is a :class:`FactorizedMatrix` subclass; :func:`get_format` maps a
-case-insensitive name (or alias) to its class.
+Each format is a :class:`FactorizedMatrix` subclass that owns its knowledge (parameters,
+reconstruction, rank policy, strategies with their costs, decomposition, error curve,
+closed-form calibration fit, TensorLy conversion); :func:`get_format` maps a
+case-insensitive name (or alias) to its class and :func:`register_format` adds one.
+
+============ ================== ===========================================
+name         class              aliases
+============ ================== ===========================================
+``cp``       :class:`CPFormat`       ``parafac``
+``tucker``   :class:`TuckerFormat`
+``tt``       :class:`TTFormat`       (the plain tensor train)
+``blocktt``  :class:`BlockTTFormat`  ``ttm``, ``tt-matrix``, ``ttmatrix``, ``mpo``
+``lowrank``  :class:`LowRankFormat`  ``low-rank``
+``dense``    :class:`DenseFormat`
+============ ================== ===========================================
 """
 
 from __future__ import annotations
 
+from ._registry import FORMATS, canonical_name, get_format, register_format
+from ._strategy import Strategy, WeightShape, Work
 from .base import FactorizedMatrix
-from .cp import CPMatrix
-from .dense import DenseMatrix
-from .lowrank import LowRankMatrix
-from .tt import TTMatrix
-from .ttm import TTMMatrix
-from .tucker import TuckerMatrix
+from .blocktt import BlockTTFormat
+from .cp import CPFormat
+from .dense import DenseFormat
+from .lowrank import LowRankFormat
+from .tt import TTFormat
+from .tucker import TuckerFormat
 
 __all__ = [
     "FORMATS",
-    "CPMatrix",
-    "DenseMatrix",
+    "BlockTTFormat",
+    "CPFormat",
+    "DenseFormat",
     "FactorizedMatrix",
-    "LowRankMatrix",
-    "TTMMatrix",
-    "TTMatrix",
-    "TuckerMatrix",
+    "LowRankFormat",
+    "Strategy",
+    "TTFormat",
+    "TuckerFormat",
+    "WeightShape",
+    "Work",
     "canonical_name",
     "get_format",
+    "register_format",
 ]
 
-FORMATS: dict[str, type[FactorizedMatrix]] = {
-    "cp": CPMatrix,
-    "tucker": TuckerMatrix,
-    "tt": TTMatrix,
-    "blocktt": TTMMatrix,
-    "lowrank": LowRankMatrix,
-    "dense": DenseMatrix,
-}
-
-ALIASES: dict[str, str] = {
-    "ttm": "blocktt",
-    "tt-matrix": "blocktt",
-    "ttmatrix": "blocktt",
-    "mpo": "blocktt",
-    "low-rank": "lowrank",
-    "parafac": "cp",
-}
-
-
-def canonical_name(name: str) -> str:
-    """The registry name of a (case-insensitive) format name or alias.
-
-    Raises:
-        ValueError: for an unknown name, listing the accepted ones.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"factorization must be a string, got {type(name).__name__} {name!r}")
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in FORMATS:
-        accepted = ", ".join(repr(n) for n in [*FORMATS, *ALIASES])
-        raise ValueError(f"unknown factorization {name!r}; accepted (case-insensitive): {accepted}")
-    return key
-
-
-def get_format(name: str) -> type[FactorizedMatrix]:
-    """The format class for a (case-insensitive) name or alias, e.g. ``'TTM'``."""
-    return FORMATS[canonical_name(name)]
+for _cls in (CPFormat, TuckerFormat, TTFormat, BlockTTFormat, LowRankFormat, DenseFormat):
+    register_format(_cls)
+del _cls

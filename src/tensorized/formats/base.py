@@ -1,28 +1,39 @@
-"""The interface every factorized weight format implements."""
+"""The interface every factorized weight format implements, and its defaults.
+
+A format owns all its knowledge in its class: the parameters (``_build``), the dense
+reconstruction, its rank policy (:meth:`FactorizedMatrix.rank_caps`,
+:meth:`~FactorizedMatrix.param_count`, the rank family a budget is searched in), its
+strategies (computation and cost side by side, see :mod:`tensorized.formats._strategy`),
+its decomposition, its error curve for budgets, its closed-form calibration fit where one
+exists, and its TensorLy conversion. The rest of the library is generic over this interface;
+:func:`tensorized.formats.register_format` adds a format.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from ..ranks import ConcreteRank, RankSpec, param_count, resolve_rank
+from .._index import normalize_index
 from ..shapes import Modes, validate_modes
+from ._strategy import Gemm, Strategy, WeightShape
 
 #: Parameter counts above this (2**50, about 4 PiB in float32) are refused before allocating.
 MAX_PARAMS = 1 << 50
+
+#: ``(parameters, squared error, concrete rank)``: one point of an error curve.
+Option = tuple[int, float, Any]
 
 
 class FactorizedMatrix(nn.Module):
     """A weight of shape ``([n_layers,] out_features, in_features)`` kept in a low-rank format.
 
-    The matrix is viewed as the tensor ``([n_layers,] *out_modes, *in_modes)``. Subclasses
-    hold the factors as ``nn.Parameter`` s and implement ``_to_matrix``, the pair
-    ``_prepare_factorized`` / ``_apply_factorized`` (and a pair per extra strategy),
-    ``_init_factors`` and ``_decompose``.
+    The matrix is viewed as the tensor ``([n_layers,] *out_modes, *in_modes)``.
 
     Args:
         in_modes: modes of the input features, e.g. ``(8, 8, 16)`` for 1024.
@@ -30,26 +41,71 @@ class FactorizedMatrix(nn.Module):
         rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
             of concrete ranks (see :mod:`tensorized.ranks`).
         n_layers: size of the leading layer mode (1: a single matrix, no layer mode).
-        device: device of the parameters.
+        device: device of the parameters (``'meta'`` works: nothing is measured there).
         dtype: dtype of the parameters.
+
+    Subclasses set the class attributes below and implement ``_build``, ``_to_matrix``,
+    ``_init_factors``, ``_scaled_factors``, ``_layer_slice`` and ``_decompose``; the rank
+    policy, error curve, closed-form fit, moments and TensorLy conversion have defaults.
     """
 
+    #: Registered name (lower case) and accepted aliases.
     name: ClassVar[str]
-    #: Ways to compute ``x @ W.T`` (see :mod:`tensorized.plan`); a name ``s`` other than
-    #: 'factorized' and 'reconstructed' is implemented by a method ``_contract_s``.
-    strategies: ClassVar[tuple[str, ...]] = ("factorized", "reconstructed")
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: Ways to compute ``x @ W.T``; the first is the default fixed one.
+    strategies: ClassVar[tuple[Strategy, ...]] = ()
+    #: ``'int'`` (one rank R), ``'tuple'`` (one rank per entry of :meth:`rank_caps`) or
+    #: ``'none'`` (no rank: the dense format).
+    rank_kind: ClassVar[str] = "tuple"
+    #: Whether :meth:`fit_closed_form` is the exact optimum of the calibration loss (then
+    #: calibration runs no iterative refinement).
+    closed_form_exact: ClassVar[bool] = False
+    #: Name of the TensorLy class this format converts to (``None``: no conversion).
+    tensorly_type: ClassVar[str | None] = None
+    #: Budgeted allocation skips candidate fractions above this multiple of the overall
+    #: budget fraction (for formats whose error curve is costly to compute; None: keep all).
+    curve_fraction_limit: ClassVar[float | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "strategies" in cls.__dict__:  # bind each declared strategy to its class
+            cls.strategies = tuple(dataclasses.replace(s, owner=cls) for s in cls.strategies)
 
     def __init__(
         self,
         in_modes: Modes,
         out_modes: Modes,
-        rank: RankSpec = "same",
+        rank: Any = "same",
         n_layers: int = 1,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self._setup(in_modes, out_modes, rank, n_layers, device, dtype)
+        self.reset_parameters()
+
+    @classmethod
+    def empty(
+        cls,
+        in_modes: Modes,
+        out_modes: Modes,
+        rank: Any = "same",
+        n_layers: int = 1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> FactorizedMatrix:
+        """A module of this format with uninitialized parameters (``torch.empty``), for
+        callers that fill them (decompositions, loading); arguments as in the constructor."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._setup(in_modes, out_modes, rank, n_layers, device, dtype)
+        return module
+
+    def _setup(self, in_modes, out_modes, rank, n_layers, device, dtype) -> None:
+        from ..ranks import resolve_rank
+
         self.in_modes = validate_modes(in_modes, None, "in_modes")
         self.out_modes = validate_modes(out_modes, None, "out_modes")
         self.in_features = math.prod(self.in_modes)
@@ -63,10 +119,8 @@ class FactorizedMatrix(nn.Module):
         self.n_layers = n_layers
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype (or None), got {dtype!r}")
-        self.rank: ConcreteRank = resolve_rank(
-            self.name, self.in_modes, self.out_modes, rank, n_layers
-        )
-        count = param_count(self.name, self.in_modes, self.out_modes, self.rank, n_layers)
+        self.rank = resolve_rank(type(self), self.in_modes, self.out_modes, rank, n_layers)
+        count = self.param_count(self.in_modes, self.out_modes, self.rank, n_layers)
         if count > MAX_PARAMS:  # fail before torch's allocator (its sizes overflow at 2**63)
             raise ValueError(
                 f"factorization={self.name!r} with in modes {self.in_modes}, out modes "
@@ -74,33 +128,55 @@ class FactorizedMatrix(nn.Module):
                 f"parameters, more than the {MAX_PARAMS:.3g} any machine can hold: use a "
                 f"smaller rank (or a format that compresses more)"
             )
-        factory = {"device": device, "dtype": dtype}
-        self._build(factory)
-        # Shapes never change after construction; kept as plain constants so that planning
-        # under torch.compile needs no module (see tensorized.plan.WeightShape).
-        cores = getattr(self, "cores", ())
-        self.shape_signature: tuple = (
+        self._build({"device": device, "dtype": dtype})
+        # Shapes never change after construction: the planner's constants (hashable).
+        self.signature = WeightShape(
             self.name,
             self.in_modes,
             self.out_modes,
             self.rank,
-            self.n_layers,
-            tuple(tuple(cores[k].shape) for k in range(len(cores))),
-            self.strategies,
-            self.num_params,
+            n_layers,
+            tuple((n, tuple(p.shape)) for n, p in self.named_parameters()),
+            sum(p.numel() for p in self.parameters()),
         )
-        self.reset_parameters()
+        self.signature_key: tuple = dataclasses.astuple(self.signature)
+        self.num_params: int = self.signature.num_params
+        self._strategies = {s.name: s for s in self.strategies}
+
+    # ---------------------------------------------------------------- rank policy
+
+    @classmethod
+    def check_modes(cls, in_modes: Modes, out_modes: Modes) -> None:
+        """Raise a ``ValueError`` if the format cannot use these modes (default: any)."""
+
+    @classmethod
+    def rank_caps(cls, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
+        """Largest useful value of each concrete rank (the rank at which the format is
+        exact); one entry for ``rank_kind='int'``, none for ``'none'``."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_count(cls, in_modes: Modes, out_modes: Modes, rank: Any, n_layers: int = 1) -> int:
+        """Exact number of parameters at concrete ``rank`` (bias not included)."""
+        raise NotImplementedError
+
+    @classmethod
+    def rank_family(cls, caps: tuple[int, ...]) -> Callable[[float], tuple[int, ...]]:
+        """A monotone family ``t -> ranks`` that a parameter budget is searched in (tuple
+        ranks; default: one rank everywhere, clipped to each cap)."""
+        return lambda t: tuple(min(c, max(1, round(t))) for c in caps)
+
+    @classmethod
+    def rank_help(cls, n: int) -> str:
+        """What a tuple rank must hold, for error messages."""
+        return f"{n} ranks"
+
+    @classmethod
+    def normalize_rank_tuple(cls, rank: tuple[int, ...], caps: tuple[int, ...]) -> tuple:
+        """A user tuple rank in the format's own layout (default: as given)."""
+        return rank
 
     # ---------------------------------------------------------------- sizes
-
-    @property
-    def num_params(self) -> int:
-        """Number of stored parameters (equals :func:`tensorized.ranks.param_count`)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def any_requires_grad(self) -> bool:
-        """Whether any parameter requires a gradient (then nothing may be cached)."""
-        return any(p.requires_grad for p in self.parameters())
 
     @property
     def dense_params(self) -> int:
@@ -114,69 +190,73 @@ class FactorizedMatrix(nn.Module):
             f"params={self.num_params} ({self.num_params / self.dense_params:.3g} of dense)"
         )
 
+    def strategy(self, name: str) -> Strategy:
+        """The :class:`Strategy` called ``name``.
+
+        Raises:
+            ValueError: naming the format's strategies.
+        """
+        found = self._strategies.get(name)
+        if found is None:
+            raise ValueError(
+                f"strategy must be one of {self.strategy_names()} for factorization="
+                f"{self.name!r}, got {name!r}"
+            )
+        return found
+
+    @classmethod
+    def strategy_names(cls) -> tuple[str, ...]:
+        """Names of :attr:`strategies`, in order."""
+        return tuple(s.name for s in cls.strategies)
+
     # ---------------------------------------------------------------- layers
 
-    def _check_layer(self, layer: int | None) -> int | None:
-        """Validate ``layer``; returns None for "all layers" (or the only one)."""
-        if layer is None:
+    def _check_layer(self, indices: Any) -> int | None:
+        """Validate a layer index; None for "all layers" (or the only one)."""
+        if indices is None:
             return None
-        if isinstance(layer, Tensor) and layer.numel() == 1 and not layer.is_floating_point():
-            layer = int(layer)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
-        if not -self.n_layers <= layer < self.n_layers:
-            raise IndexError(
-                f"layer={layer} is out of range for a weight with n_layers={self.n_layers}"
-            )
-        if self.n_layers == 1:
-            return None
-        return layer % self.n_layers
+        layer = normalize_index(indices, self.n_layers)
+        return layer if self.n_layers > 1 else None
 
     # ---------------------------------------------------------------- compute
 
-    def to_matrix(self, layer: int | None = None) -> Tensor:
+    def to_matrix(self, indices: int | None = None) -> Tensor:
         """Reconstruct the dense weight.
 
         Args:
-            layer: which layer (``None``: all layers).
+            indices: which layer (``None``: all layers).
 
         Returns:
             ``(out_features, in_features)``, or ``(n_layers, out_features, in_features)`` when
-            ``layer is None`` and ``n_layers > 1``.
+            ``indices is None`` and ``n_layers > 1``.
         """
-        layer = self._check_layer(layer)
+        layer = self._check_layer(indices)
         if layer is None and self.n_layers > 1:
             return torch.stack([self._to_matrix(i) for i in range(self.n_layers)])
         return self._to_matrix(layer)
 
-    def contract(self, x: Tensor, layer: int | None = None, strategy: str = "factorized") -> Tensor:
+    def contract(
+        self, x: Tensor, indices: int | None = None, strategy: str = "factorized"
+    ) -> Tensor:
         """Compute ``x @ W.T``, by default without forming ``W``.
 
         Args:
             x: ``(..., in_features)``.
-            layer: which layer; required when ``n_layers > 1``.
-            strategy: one of :attr:`strategies` (see :mod:`tensorized.plan`):
-                ``'factorized'`` contracts ``x`` with the factors, ``'reconstructed'`` forms
-                ``W`` first; some formats have hybrids.
+            indices: which layer; required when ``n_layers > 1``.
+            strategy: the name of one of :attr:`strategies`.
 
         Returns:
             ``(..., out_features)``.
         """
-        if strategy not in self.strategies:
-            raise ValueError(
-                f"strategy must be one of {self.strategies} for factorization={self.name!r}, "
-                f"got {strategy!r}"
-            )
+        chosen = self.strategy(strategy)
         self.check_input(x)
-        layer = self._check_layer(layer)
+        layer = self._check_layer(indices)
         if layer is None and self.n_layers > 1:
             raise ValueError(
-                f"this weight holds n_layers={self.n_layers} layers; pass layer=i to pick one"
+                f"this weight holds n_layers={self.n_layers} layers; pass indices=i to pick one"
             )
-        lead = x.shape[:-1]
-        operands = self.prepare(strategy, layer)
-        y = self.apply(strategy, x.reshape(-1, self.in_features), operands)
-        return y.reshape(*lead, self.out_features)
+        y = chosen(self, x.reshape(-1, self.in_features), layer)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def check_input(self, x: Tensor) -> None:
         """Raise a ``ValueError`` unless ``x`` is ``(..., in_features)``, a ``TypeError`` if its
@@ -193,22 +273,7 @@ class FactorizedMatrix(nn.Module):
                 f"(x.to({dtype}) or layer.to({x.dtype}))"
             )
 
-    # Every strategy is split in two: ``prepare`` does the work that depends on the weight
-    # only (so inference can cache it), ``apply`` the work on the input.
-
-    def prepare(self, strategy: str, layer: int | None) -> tuple[Tensor, ...]:
-        """Weight-only operands of ``strategy`` for a validated ``layer``."""
-        if strategy == "reconstructed":
-            return (self._to_matrix(layer),)
-        return getattr(self, f"_prepare_{strategy}")(layer)
-
-    def apply(
-        self, strategy: str, x: Tensor, operands: tuple[Tensor, ...], bias: Tensor | None = None
-    ) -> Tensor:
-        """``x (batch, in) -> (batch, out)`` (plus ``bias``) from prepared operands."""
-        if strategy == "reconstructed":
-            return F.linear(x, operands[0], bias)
-        return getattr(self, f"_apply_{strategy}")(x, *operands, bias=bias)
+    # ---------------------------------------------------------------- init
 
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:
@@ -219,7 +284,8 @@ class FactorizedMatrix(nn.Module):
         the ranks), then all scale-carrying factors are rescaled by the same amount so that
         the empirical std of the reconstruction is exactly ``std`` (and each layer's, with a
         layer mode). The std is measured from contractions of the factors, without forming
-        the matrix.
+        the matrix; on the ``meta`` device nothing can be measured and the balanced draw
+        (right in expectation) is kept.
 
         Args:
             std: target std; defaults to ``1 / sqrt(3 * in_features)``, the std of
@@ -234,11 +300,13 @@ class FactorizedMatrix(nn.Module):
         if std == 0:
             scaled[0].zero_()
             return
+        if any(p.is_meta for p in self.parameters()):
+            return
         layers = [None] if self.n_layers == 1 else list(range(self.n_layers))
         stds = [self._empirical_std(layer) for layer in layers]
         if any(s is None or s == 0 for s in stds):
             return  # too costly to measure exactly: the balanced draw is right in expectation
-        overall = math.sqrt(sum(s * s for s in stds) / len(stds))
+        overall = math.sqrt(sum(s * s for s in stds if s is not None) / len(stds))
         ratio = (std / overall) ** (1.0 / len(scaled))
         for p in scaled:
             p.mul_(ratio)
@@ -275,7 +343,7 @@ class FactorizedMatrix(nn.Module):
         matrix: Tensor,
         in_modes: Modes,
         out_modes: Modes,
-        rank: RankSpec = "same",
+        rank: Any = "same",
         **decomposition_kwargs: Any,
     ) -> FactorizedMatrix:
         """Decompose a dense weight into this format.
@@ -290,7 +358,8 @@ class FactorizedMatrix(nn.Module):
                 :mod:`tensorized.decompose` (e.g. ``n_iter_max``, ``tol``, ``generator``).
 
         Returns:
-            A module of this format on the matrix's device and dtype.
+            A module of this format on the matrix's device and dtype (no random init is
+            drawn: the caller's RNG stream is untouched).
         """
         if not isinstance(matrix, Tensor):
             raise TypeError(f"matrix must be a torch.Tensor, got {type(matrix).__name__}")
@@ -308,17 +377,100 @@ class FactorizedMatrix(nn.Module):
             raise TypeError(f"matrix must have a floating dtype, got {matrix.dtype}")
         if not torch.isfinite(matrix).all():
             raise ValueError("matrix contains NaN or Inf values; cannot decompose it")
-        # The random init is overwritten below: keep it off the caller's RNG stream.
-        with torch.random.fork_rng(devices=[matrix.device] if matrix.is_cuda else []):
-            module = cls(
-                in_modes, out_modes, rank, n_layers, device=matrix.device, dtype=matrix.dtype
-            )
+        module = cls.empty(
+            in_modes, out_modes, rank, n_layers, device=matrix.device, dtype=matrix.dtype
+        )
         tensor = matrix.reshape(*((n_layers,) if n_layers > 1 else ()), *out_modes, *in_modes)
         with torch.no_grad():
             factors = module._decompose(tensor.detach(), **decomposition_kwargs)
-            for name, value in factors.items():
-                module.get_parameter(name).copy_(value)
+            module.load_values(factors)
         return module
+
+    @torch.no_grad()
+    def load_values(self, values: dict[str, Tensor]) -> None:
+        """Copy ``{parameter name: value}`` into the parameters (all of them must be given).
+
+        Raises:
+            ValueError: for a missing or unknown name or a value of the wrong shape.
+        """
+        params = dict(self.named_parameters())
+        if set(values) != set(params):
+            raise ValueError(
+                f"{self.name} parameters are {sorted(params)}, got values for {sorted(values)}"
+            )
+        for name, value in values.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"{self.name} parameter {name!r} has shape {tuple(params[name].shape)}, "
+                    f"got a value of shape {tuple(value.shape)}"
+                )
+            params[name].copy_(value)
+
+    # ---------------------------------------------------------------- compression hooks
+
+    @classmethod
+    def error_curve(
+        cls,
+        weight: Tensor,
+        in_modes: Modes,
+        out_modes: Modes,
+        n_layers: int,
+        fractions: Sequence[float],
+        decomposition_kwargs: dict[str, Any],
+    ) -> list[Option]:
+        """Candidate ``(parameters, squared weight error, rank)`` for budgeted allocation,
+        sorted by parameters.
+
+        This default decomposes ``weight`` (``(out, in)`` or ``(L, out, in)``) at the rank
+        of each candidate fraction and measures the error; formats override it with exact
+        or cheaper curves.
+        """
+        import warnings
+
+        from ..ranks import RankBudgetWarning, resolve_rank
+
+        norm_sq = float(weight.double().pow(2).sum())
+        options: dict[Any, Option] = {}
+        for f in fractions:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RankBudgetWarning)
+                try:
+                    rank = resolve_rank(cls, in_modes, out_modes, f, n_layers)
+                except ValueError:
+                    continue  # outside what the format reaches here
+            if rank in options:
+                continue
+            fitted = cls.from_matrix(weight, in_modes, out_modes, rank, **decomposition_kwargs)
+            with torch.no_grad():
+                diff = (fitted.to_matrix().double() - weight.double()).pow(2).sum()
+            options[rank] = (cls.param_count(in_modes, out_modes, rank, n_layers),
+                             min(float(diff), norm_sq), rank)
+        return sorted(options.values(), key=lambda o: (o[0], o[1]))
+
+    @torch.no_grad()
+    def fit_closed_form(self, layer: int | None, weight: Tensor, gram: Tensor) -> bool:
+        """Set layer ``layer`` to the best fit of ``weight`` in the norm
+        ``||(W - What) S||_F`` (``S S^T = gram``, the input second moment), if the format has
+        a closed form. Returns whether it did (default: no closed form)."""
+        return False
+
+    # ---------------------------------------------------------------- TensorLy
+
+    def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
+        """The weight as a TensorLy object; ``convert`` turns a tensor into a backend array.
+
+        Raises:
+            ValueError: if the format has no TensorLy equivalent.
+        """
+        raise ValueError(f"factorization={self.name!r} has no TensorLy equivalent")
+
+    @classmethod
+    def from_tensorly(
+        cls, obj: Any, in_modes: Modes, out_modes: Modes, convert: Callable[[Any], Tensor]
+    ) -> FactorizedMatrix | None:
+        """A module holding TensorLy object ``obj`` if it is of this format, else ``None``.
+        ``convert`` turns a backend array into a tensor of the requested dtype and device."""
+        return None
 
     # ---------------------------------------------------------------- to implement
 
@@ -328,14 +480,6 @@ class FactorizedMatrix(nn.Module):
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         """The ``(out, in)`` matrix of ``layer`` (``None`` when ``n_layers == 1``)."""
-        raise NotImplementedError
-
-    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
-        """Weight-only operands of the 'factorized' contraction of ``layer``."""
-        raise NotImplementedError
-
-    def _apply_factorized(self, x: Tensor, *operands: Tensor, bias: Tensor | None) -> Tensor:
-        """``(batch, in) -> (batch, out)``: contract ``x`` with the prepared factors."""
         raise NotImplementedError
 
     def _init_factors(self, std: float) -> None:
@@ -358,15 +502,31 @@ class FactorizedMatrix(nn.Module):
 def balanced_std(std: float, n_terms: int, n_factors: int) -> float:
     """Per-factor std so that a sum of ``n_terms`` products of ``n_factors`` iid normal
     entries has standard deviation ``std``: ``var = n_terms * prod(sigma_k^2)``."""
-    return (std**2 / max(n_terms, 1)) ** (1.0 / (2 * n_factors))
-
-
-def two_gemms(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``(x @ a) @ b.T + bias``: the apply step of every rank-``r`` factor pair."""
-    return F.linear(x @ a, b, bias)
+    return float((std**2 / max(n_terms, 1)) ** (1.0 / (2 * n_factors)))
 
 
 def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     # Under autocast y has the autocast dtype and the bias does not: cast the bias, as
     # F.linear does, rather than promote the output back to the parameters' dtype.
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def chain_work(shapes: list[tuple[int, ...]]) -> list[Gemm]:
+    """Products of multiplying out a train of cores ``(r, *sizes, r')`` left to right."""
+    out, rows = [], math.prod(shapes[0][:-1])
+    for shape in shapes[1:]:
+        r, r_next, inner = shape[0], shape[-1], math.prod(shape[1:-1])
+        out.append((rows, r, inner * r_next, 1))
+        rows *= inner
+    return out
+
+
+def layer_count(shape: Sequence[int], in_modes: Modes, out_modes: Modes) -> int | None:
+    """``n_layers`` if ``shape`` is ``([n_layers,] *out_modes, *in_modes)``, else None."""
+    shape = tuple(int(n) for n in shape)
+    body = tuple(out_modes) + tuple(in_modes)
+    if shape == body:
+        return 1
+    if len(shape) == len(body) + 1 and shape[1:] == body:
+        return shape[0]
+    return None

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,63 +15,127 @@ from torch.nn import functional as F
 
 from .. import decompose
 from .._ops import khatri_rao
-from .base import FactorizedMatrix, add_bias, balanced_std, two_gemms
+from ..shapes import Modes
+from . import _curves
+from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count
 
 
-class CPMatrix(FactorizedMatrix):
+def _sizes(in_modes: Modes, out_modes: Modes, n_layers: int) -> tuple[int, ...]:
+    return ((n_layers,) if n_layers > 1 else ()) + tuple(out_modes) + tuple(in_modes)
+
+
+def _split(w: CPFormat, layer: int | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Per-component scales (weights times the layer's row), out factors, in factors."""
+    factors = list(w.factors)
+    scale = w.weights
+    if w.n_layers > 1:
+        scale = scale * factors.pop(0)[layer]
+    m = len(w.out_modes)
+    return scale, factors[:m], factors[m:]
+
+
+def _prepare_factorized(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
+    # The Khatri-Rao products of the in- and out-factors: (in, R) and (out, R).
+    scale, outs, ins = _split(w, layer)
+    return khatri_rao(ins) * scale, khatri_rao(outs)
+
+
+def _work_factorized(s: WeightShape, batch: int) -> Work:
+    R = s.rank
+    return Work([], two_gemm_work(batch, s, R), prepare_numel=(s.in_features + s.out_features) * R)
+
+
+def _prepare_sequential(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
+    scale, outs, ins = _split(w, layer)
+    return (scale, *ins, *outs)
+
+
+def _apply_sequential(
+    w: CPFormat, x: Tensor, ops: tuple[Tensor, ...], bias: Tensor | None
+) -> Tensor:
+    # Mode by mode, never forming a Khatri-Rao product: one GEMM on the last in mode,
+    # element-wise folds of the other in modes, then the mirror image on the out side.
+    # Cheap when batch * R is small (e.g. training at batch 1), costly otherwise.
+    n, R, B = len(w.in_modes), w.rank, x.shape[0]
+    scale, ins, outs = ops[0], ops[1 : n + 1], ops[n + 1 :]
+    t = (x.reshape(-1, w.in_modes[-1]) @ ins[-1]).reshape(B, -1, R)
+    for k in reversed(range(n - 1)):
+        t = (t.reshape(B, -1, w.in_modes[k], R) * ins[k]).sum(2)
+    u = (t.reshape(B, R) * scale).reshape(B, 1, R)
+    for f in outs[:-1]:
+        u = (u.unsqueeze(2) * f).reshape(B, -1, R)
+    return add_bias(F.linear(u.reshape(-1, R), outs[-1]).reshape(B, -1), bias)
+
+
+def _work_sequential(s: WeightShape, batch: int) -> Work:
+    R, ins, outs, B = s.rank, s.in_modes, s.out_modes, batch
+    folds = 0  # a product of B * prod(ins[:k+1]) * R, then its sum; the out side's products
+    for k in range(len(ins) - 1):
+        folds += B * R * (math.prod(ins[: k + 1]) + math.prod(ins[:k]))
+    for k in range(len(outs) - 1):
+        folds += B * R * math.prod(outs[: k + 1])
+    apply = [
+        (B * s.in_features // ins[-1], ins[-1], R, 1),
+        (B * s.out_features // outs[-1], R, outs[-1], 1),
+    ]
+    return Work([], apply, apply_numel=folds, extra_calls=2 * len(ins) + len(outs))
+
+
+def _reconstruction(s: WeightShape) -> tuple[list, int]:
+    return [(s.out_features, s.rank, s.in_features, 1)], 0
+
+
+class CPFormat(FactorizedMatrix):
     """``weights (R,)`` and ``factors``: ``[layer (L, R)]``, out ``(o_k, R)``, in ``(i_k, R)``."""
 
     name = "cp"
-    strategies = ("factorized", "reconstructed", "sequential")
+    aliases = ("parafac",)
+    rank_kind = "int"
+    tensorly_type = "CPTensor"
+    curve_fraction_limit = 2.0  # ALS costs grow as R^3
+    strategies = (
+        Strategy(
+            "factorized",
+            _prepare_factorized,
+            apply_two_gemms,
+            _work_factorized,
+            "x through the Khatri-Rao products of the in and out factors (two GEMMs)",
+        ),
+        reconstructed(_reconstruction),
+        Strategy(
+            "sequential",
+            _prepare_sequential,
+            _apply_sequential,
+            _work_sequential,
+            "mode by mode without Khatri-Rao products; cheap when batch * R is small",
+        ),
+    )
+
+    # ---------------------------------------------------------------- rank policy
+
+    @classmethod
+    def rank_caps(cls, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
+        # prod(all sizes) / max(size): a rank at which CP always represents the tensor
+        # exactly (a larger CP rank never helps).
+        sizes = _sizes(in_modes, out_modes, n_layers)
+        return (math.prod(sizes) // max(sizes),)
+
+    @classmethod
+    def param_count(cls, in_modes: Modes, out_modes: Modes, rank: Any, n_layers: int = 1) -> int:
+        return int(rank) * (1 + sum(_sizes(in_modes, out_modes, n_layers)))
+
+    # ---------------------------------------------------------------- parameters
 
     def _build(self, factory: dict) -> None:
         R = self.rank
         self.weights = nn.Parameter(torch.empty(R, **factory))
-        sizes = self._sizes()
+        sizes = _sizes(self.in_modes, self.out_modes, self.n_layers)
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(n, R, **factory)) for n in sizes])
 
-    def _sizes(self) -> tuple[int, ...]:
-        lead = (self.n_layers,) if self.n_layers > 1 else ()
-        return lead + self.out_modes + self.in_modes
-
-    def _split(self, layer: int | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Per-component scales (weights times the layer's row), out factors, in factors."""
-        factors = list(self.factors)
-        scale = self.weights
-        if self.n_layers > 1:
-            scale = scale * factors.pop(0)[layer]
-        m = len(self.out_modes)
-        return scale, factors[:m], factors[m:]
-
     def _to_matrix(self, layer: int | None) -> Tensor:
-        scale, outs, ins = self._split(layer)
+        scale, outs, ins = _split(self, layer)
         return (khatri_rao(outs) * scale) @ khatri_rao(ins).T
-
-    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
-        # The Khatri-Rao products of the in- and out-factors: (in, R) and (out, R).
-        scale, outs, ins = self._split(layer)
-        return khatri_rao(ins) * scale, khatri_rao(outs)
-
-    def _apply_factorized(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
-        return two_gemms(x, a, b, bias)
-
-    def _prepare_sequential(self, layer: int | None) -> tuple[Tensor, ...]:
-        scale, outs, ins = self._split(layer)
-        return (scale, *ins, *outs)
-
-    def _apply_sequential(self, x: Tensor, scale: Tensor, *factors: Tensor, bias=None) -> Tensor:
-        # Mode by mode, never forming a Khatri-Rao product: one GEMM on the last in mode,
-        # element-wise folds of the other in modes, then the mirror image on the out side.
-        # Cheap when batch * R is small (e.g. training at batch 1), costly otherwise.
-        n, R, B = len(self.in_modes), self.rank, x.shape[0]
-        ins, outs = factors[:n], factors[n:]
-        t = (x.reshape(-1, self.in_modes[-1]) @ ins[-1]).reshape(B, -1, R)
-        for k in reversed(range(n - 1)):
-            t = (t.reshape(B, -1, self.in_modes[k], R) * ins[k]).sum(2)
-        u = (t.reshape(B, R) * scale).reshape(B, 1, R)
-        for f in outs[:-1]:
-            u = (u.unsqueeze(2) * f).reshape(B, -1, R)
-        return add_bias(F.linear(u.reshape(-1, R), outs[-1]).reshape(B, -1), bias)
 
     def _init_factors(self, std: float) -> None:
         nn.init.ones_(self.weights)
@@ -85,7 +150,7 @@ class CPMatrix(FactorizedMatrix):
         return self.factors[0][layer]
 
     def _moments(self, layer: int | None) -> tuple[float, float] | None:
-        scale, outs, ins = self._split(layer)
+        scale, outs, ins = _split(self, layer)
         factors = [f.double() for f in outs + ins]
         if self.rank > 4096:
             return None  # R x R Gram matrices would cost more memory than the init is worth
@@ -109,3 +174,60 @@ class CPMatrix(FactorizedMatrix):
         for k, f in enumerate(factors):
             values[f"factors.{k}"] = f * share
         return values
+
+    # ---------------------------------------------------------------- compression hooks
+
+    @classmethod
+    def error_curve(
+        cls,
+        weight: Tensor,
+        in_modes: Modes,
+        out_modes: Modes,
+        n_layers: int,
+        fractions: Sequence[float],
+        decomposition_kwargs: dict[str, Any],
+    ) -> list[Option]:
+        """The rank at each candidate fraction with the error of a short CP-ALS run (at most
+        10 iterations, ``tol=1e-3``): an estimate of what ``from_linear``'s longer ALS
+        reaches. Candidates whose ALS would exceed ``cp_als``'s work guard are skipped."""
+        lead = (n_layers,) if n_layers > 1 else ()
+        X = weight.reshape(*lead, *out_modes, *in_modes)  # float32 stays float32 (2x faster)
+        norm_sq = float(X.double().pow(2).sum())
+        kwargs = decomposition_kwargs
+        options = {"tol": 1e-3, **kwargs, "n_iter_max": min(10, kwargs.get("n_iter_max", 10))}
+        curve = []
+        for r in sorted({1, *_curves.family(cls, in_modes, out_modes, n_layers, fractions)}):
+            try:
+                result = decompose.cp_als(X, r, **options)
+            except ValueError:
+                if r == 1:  # bad options: say so
+                    raise
+                continue  # a rank too costly to run (cp_als's max_iter_flops)
+            error = result.errors[-1] ** 2 * norm_sq
+            curve.append((cls.param_count(in_modes, out_modes, r, n_layers), error, r))
+        return curve
+
+    # ---------------------------------------------------------------- TensorLy
+
+    def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
+        """A ``CPTensor``; with a layer mode, its first factor is the layer factor."""
+        from tensorly.cp_tensor import CPTensor
+
+        return CPTensor((convert(self.weights), [convert(f) for f in self.factors]))
+
+    @classmethod
+    def from_tensorly(
+        cls, obj: Any, in_modes: Modes, out_modes: Modes, convert: Callable[[Any], Tensor]
+    ) -> FactorizedMatrix | None:
+        from tensorly.cp_tensor import CPTensor
+
+        n_layers = layer_count(obj.shape, in_modes, out_modes)
+        if not isinstance(obj, CPTensor) or n_layers is None:
+            return None
+        weights, factors = convert(obj.weights), [convert(f) for f in obj.factors]
+        module = cls.empty(
+            in_modes, out_modes, int(weights.shape[0]), n_layers,
+            device=weights.device, dtype=weights.dtype,
+        )
+        module.load_values({"weights": weights, **{f"factors.{k}": f for k, f in enumerate(factors)}})
+        return module

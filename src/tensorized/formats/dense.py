@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import FactorizedMatrix
+from ..shapes import Modes
+from ._strategy import Strategy, WeightShape, Work
+from .base import FactorizedMatrix, Option, layer_count
 
 
-class DenseMatrix(FactorizedMatrix):
+def _prepare(w: DenseFormat, layer: int | None) -> tuple[Tensor, ...]:
+    return (w._to_matrix(layer),)
+
+
+def _work(s: WeightShape, batch: int) -> Work:
+    return Work([], [(batch, s.in_features, s.out_features, 1)])
+
+
+class DenseFormat(FactorizedMatrix):
     """``weight``: ``(out, in)``, or ``(n_layers, out, in)`` with a layer mode."""
 
     name = "dense"
+    rank_kind = "none"
+    closed_form_exact = True
+    strategies = (
+        Strategy("factorized", _prepare, lambda w, x, ops, b: F.linear(x, ops[0], b), _work,
+                 "one GEMM with the stored matrix"),
+        Strategy("reconstructed", _prepare, lambda w, x, ops, b: F.linear(x, ops[0], b), _work,
+                 "the same: the matrix is stored"),
+    )
+
+    @classmethod
+    def rank_caps(cls, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
+        return ()
+
+    @classmethod
+    def param_count(cls, in_modes: Modes, out_modes: Modes, rank: Any, n_layers: int = 1) -> int:
+        return n_layers * math.prod(out_modes) * math.prod(in_modes)
 
     def _build(self, factory: dict) -> None:
         lead = (self.n_layers,) if self.n_layers > 1 else ()
@@ -24,12 +52,6 @@ class DenseMatrix(FactorizedMatrix):
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         return self.weight if layer is None else self.weight[layer]
-
-    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
-        return (self._to_matrix(layer),)
-
-    def _apply_factorized(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
 
     def _init_factors(self, std: float) -> None:
         nn.init.normal_(self.weight, 0.0, std)
@@ -44,3 +66,40 @@ class DenseMatrix(FactorizedMatrix):
         if kwargs:
             raise TypeError(f"the dense format takes no decomposition options, got {kwargs}")
         return {"weight": tensor.reshape(self.weight.shape)}
+
+    @classmethod
+    def error_curve(
+        cls,
+        weight: Tensor,
+        in_modes: Modes,
+        out_modes: Modes,
+        n_layers: int,
+        fractions: Sequence[float],
+        decomposition_kwargs: dict[str, Any],
+    ) -> list[Option]:
+        return [(cls.param_count(in_modes, out_modes, None, n_layers), 0.0, None)]
+
+    @torch.no_grad()
+    def fit_closed_form(self, layer: int | None, weight: Tensor, gram: Tensor) -> bool:
+        """The weight itself (exact)."""
+        self._to_matrix(layer).copy_(weight)
+        return True
+
+    def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
+        """A plain tensor ``([L,] *out, *in)``."""
+        lead = (self.n_layers,) if self.n_layers > 1 else ()
+        return convert(self.weight.reshape(*lead, *self.out_modes, *self.in_modes))
+
+    @classmethod
+    def from_tensorly(
+        cls, obj: Any, in_modes: Modes, out_modes: Modes, convert: Callable[[Any], Tensor]
+    ) -> FactorizedMatrix | None:
+        is_array = isinstance(obj, Tensor) or type(obj).__module__.startswith("numpy")
+        n_layers = layer_count(getattr(obj, "shape", ()), in_modes, out_modes)
+        if not is_array or n_layers is None:
+            return None
+        dense = convert(obj).reshape(n_layers, math.prod(out_modes), math.prod(in_modes))
+        module = cls.empty(in_modes, out_modes, "same", n_layers, device=dense.device,
+                           dtype=dense.dtype)
+        module.load_values({"weight": dense if n_layers > 1 else dense[0]})
+        return module

@@ -1,30 +1,89 @@
 """Tensor-train format over the modes ``([L,] *out_modes, *in_modes)``.
 
 Core k has shape ``(r_{k-1}, n_k, r_k)`` with ``r_0 = r_d = 1``; a layer mode is an extra
-leading core ``(1, n_layers, r_1)``.
+leading core ``(1, n_layers, r_1)``. :class:`TrainFormat` holds what the plain tensor train
+('tt') and the TT-matrix ('blocktt') share.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import decompose
-from ..ranks import train_modes
-from .base import FactorizedMatrix, add_bias, balanced_std, two_gemms
+from ..shapes import Modes
+from . import _curves
+from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, chain_work, layer_count
 
 
-class TrainMatrix(FactorizedMatrix):
-    """Shared machinery of the train formats ('tt' and 'blocktt'): ``cores`` in a chain.
+def product(cores: list[Tensor]) -> Tensor:
+    """Multiply out a train ``(r_0, ..., r_k)`` left to right -> ``(r_0 * sizes, r_k)``."""
+    t = cores[0].reshape(-1, cores[0].shape[-1])
+    for c in cores[1:]:
+        t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+    return t
 
-    Subclasses create ``self.cores`` (the first being the layer core ``(1, L, r)`` when
-    ``n_layers > 1``) and implement the contraction.
-    """
 
-    def _layer_cores(self, layer: int | None) -> list[Tensor]:
+def layer_shapes(s: WeightShape) -> list[tuple[int, ...]]:
+    """Core shapes of one layer, as :meth:`TrainFormat.layer_cores` returns them."""
+    shapes = s.shapes("cores")
+    if s.n_layers > 1:
+        shapes = [(1, *shapes[1][1:]), *shapes[2:]]
+    return shapes
+
+
+def layer_merge_work(s: WeightShape) -> list[Gemm]:
+    """The product that absorbs the layer core's row into the next core."""
+    if s.n_layers == 1:
+        return []
+    nxt = s.shapes("cores")[1]
+    return [(1, nxt[0], math.prod(nxt[1:]), 1)]
+
+
+def train_reconstruction(s: WeightShape) -> tuple[list[Gemm], int]:
+    return layer_merge_work(s) + chain_work(layer_shapes(s)), 0
+
+
+class TrainFormat(FactorizedMatrix):
+    """Shared machinery of the train formats: ``cores`` in a chain, the first being the
+    layer core ``(1, L, r)`` when ``n_layers > 1``; ranks are the inner bond ranks."""
+
+    rank_kind = "tuple"
+
+    @classmethod
+    def train_modes(cls, in_modes: Modes, out_modes: Modes, n_layers: int) -> Modes:
+        """Mode sizes along the train (the layer mode first, if any)."""
+        raise NotImplementedError
+
+    @classmethod
+    def rank_caps(cls, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
+        modes = cls.train_modes(in_modes, out_modes, n_layers)
+        return tuple(
+            min(math.prod(modes[: k + 1]), math.prod(modes[k + 1 :])) for k in range(len(modes) - 1)
+        )
+
+    @classmethod
+    def param_count(cls, in_modes: Modes, out_modes: Modes, rank: Any, n_layers: int = 1) -> int:
+        modes = cls.train_modes(in_modes, out_modes, n_layers)
+        full = (1, *rank, 1)
+        return sum(full[k] * modes[k] * full[k + 1] for k in range(len(modes)))
+
+    @classmethod
+    def rank_help(cls, n: int) -> str:
+        return f"{n} inner ranks (or {n + 2} with the boundary 1s)"
+
+    @classmethod
+    def normalize_rank_tuple(cls, rank: tuple[int, ...], caps: tuple[int, ...]) -> tuple:
+        if len(rank) == len(caps) + 2 and rank[0] == rank[-1] == 1:
+            return rank[1:-1]  # the boundary ranks (1, r_1, ..., r_{d-1}, 1)
+        return rank
+
+    def layer_cores(self, layer: int | None) -> list[Tensor]:
         """The cores of one layer: the layer core's row is absorbed into the next core."""
         cores = list(self.cores)
         if self.n_layers == 1:
@@ -33,10 +92,6 @@ class TrainMatrix(FactorizedMatrix):
         nxt = cores[1]
         merged = (row @ nxt.reshape(nxt.shape[0], -1)).reshape(1, *nxt.shape[1:])
         return [merged, *cores[2:]]
-
-    def _chain(self, layer: int | None) -> Tensor:
-        """Product of the train of one layer, as a flat tensor in core order."""
-        return _product(self._layer_cores(layer))
 
     def _init_factors(self, std: float) -> None:
         # Each entry sums prod(ranks) products of len(cores) core entries: the per-core std
@@ -52,7 +107,7 @@ class TrainMatrix(FactorizedMatrix):
         # Sweep the train with the all-ones vector (sum) and with itself (sum of squares).
         ones = self.cores[0].new_ones(1, 1, dtype=torch.float64)
         total, gram = ones, ones
-        for c in self._layer_cores(layer):
+        for c in self.layer_cores(layer):
             c = c.double().reshape(c.shape[0], -1, c.shape[-1])
             total = total @ c.sum(1)
             gram = torch.einsum("ab,anc,bnd->cd", gram, c, c)
@@ -61,15 +116,148 @@ class TrainMatrix(FactorizedMatrix):
     def _scaled_factors(self) -> list[nn.Parameter]:
         return list(self.cores)
 
+    @classmethod
+    def _train_tensor(cls, X: Tensor, n_layers: int, n_out: int) -> Tensor:
+        """The tensorized weight ``([L,] *out, *in)`` in train order."""
+        return X
 
-class TTMatrix(TrainMatrix):
+    @classmethod
+    def error_curve(
+        cls,
+        weight: Tensor,
+        in_modes: Modes,
+        out_modes: Modes,
+        n_layers: int,
+        fractions: Sequence[float],
+        decomposition_kwargs: dict[str, Any],
+    ) -> list[Option]:
+        """Exact error of the TT-SVD that ``from_linear`` runs (Oseledets, SIAM J. Sci.
+        Comput. 33(5), 2011): the sum of the energies discarded at each step of the sweep,
+        each step from the eigendecomposition of the smaller Gram matrix of the unfolding."""
+        lead = (n_layers,) if n_layers > 1 else ()
+        X = weight.to(torch.float64).reshape(*lead, *out_modes, *in_modes)
+        norm_sq = float(X.pow(2).sum())
+        sizes = cls.train_modes(in_modes, out_modes, n_layers)
+        T = cls._train_tensor(X, n_layers, len(out_modes)).reshape(sizes)
+        # Float32 sweeps are 3x faster and precise enough for a curve, unless W is float64.
+        T = T.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        caps = cls.rank_caps(in_modes, out_modes, n_layers)
+
+        def count(rank: Any) -> int:
+            return cls.param_count(in_modes, out_modes, rank, n_layers)
+
+        tails = []
+        for k in range(len(caps)):
+            M = T.reshape(math.prod(sizes[: k + 1]), -1)
+            vals = torch.linalg.eigvalsh(_curves.gram(M)).flip(-1).clamp_min(0)
+            tails.append(_curves.tails(vals))
+        members = _curves.sample(_curves.chain(tails, caps, count), count, _curves.CHAIN_SAMPLES)
+        family = _curves.family(cls, in_modes, out_modes, n_layers, fractions)
+        ranks = list(dict.fromkeys([*members, *family]))
+        return sorted((count(r), _tt_svd_error_sq(T, r, norm_sq), r) for r in ranks)
+
+
+def _tt_svd_error_sq(T: Tensor, rank: tuple[int, ...], norm_sq: float) -> float:
+    """Squared error of the TT-SVD of ``T`` (train layout) at ``rank``: each step only needs
+    the leading singular subspace and the discarded energy."""
+    sizes, C, kept, error = T.shape, T, 1, 0.0
+    for k, r in enumerate(rank):
+        C = C.reshape(kept * sizes[k], -1)
+        left = C.shape[0] <= C.shape[1]
+        vals, vecs = torch.linalg.eigh(C @ C.T if left else C.T @ C)
+        kept = min(r, len(vals))
+        error += float(vals[: len(vals) - kept].clamp_min(0).sum())
+        top, vals = vecs[:, len(vals) - kept :], vals[len(vals) - kept :]
+        # U_r^T C, (kept, rest): with right singular vectors V_r it is diag(s_r) V_r^T
+        C = top.T @ C if left else (top * vals.clamp_min(0).sqrt()).T
+    return min(error, norm_sq)
+
+
+# ---------------------------------------------------------------- the plain tensor train
+
+
+def _prepare_factorized(w: TTFormat, layer: int | None) -> tuple[Tensor, ...]:
+    return tuple(w.layer_cores(layer))
+
+
+def _apply_factorized(
+    w: TTFormat, x: Tensor, cores: tuple[Tensor, ...], bias: Tensor | None
+) -> Tensor:
+    m, batch = len(w.out_modes), x.shape[0]
+    t = x
+    for c in reversed(cores[m:]):  # absorb the in modes, last first: -> (batch, r_m)
+        t = t.reshape(-1, c.shape[1] * c.shape[2]) @ c.reshape(c.shape[0], -1).T
+    # Expand the out modes, last first, with the batch as the last axis: t is
+    # (r_k, out modes done, batch), so each step is one plain GEMM on a contiguous view
+    # (a batch-first layout needs a broadcast matmul, which copies its operands).
+    t = t.T  # (r_m, batch), a transposed view that the GEMM reads as is
+    for c in reversed(cores[:m]):
+        t = c.reshape(-1, c.shape[-1]) @ t.reshape(c.shape[-1], -1)
+    return add_bias(t.reshape(w.out_features, batch).T, bias)
+
+
+def _work_factorized(s: WeightShape, batch: int) -> Work:
+    m = len(s.out_modes)
+    cores = layer_shapes(s)
+    out, rows = [], batch * s.in_features
+    for r, i, r_next in reversed(cores[m:]):
+        rows //= i
+        out.append((rows, i * r_next, r, 1))
+    rest = batch  # the out side runs with the batch as the last axis (plain GEMMs)
+    for r, o, r_next in reversed(cores[:m]):
+        out.append((r * o, r_next, rest, 1))
+        rest *= o
+    return Work(layer_merge_work(s), out)
+
+
+def _prepare_halves(w: TTFormat, layer: int | None) -> tuple[Tensor, ...]:
+    # Multiply out each half of the train: (in, r_m) and (out, r_m).
+    cores = w.layer_cores(layer)
+    m = len(w.out_modes)
+    out_half = product(cores[:m]).reshape(w.out_features, -1)
+    in_half = product(cores[m:]).reshape(-1, w.in_features)
+    return in_half.T, out_half
+
+
+def _work_halves(s: WeightShape, batch: int) -> Work:
+    m = len(s.out_modes)
+    cores = layer_shapes(s)
+    r = cores[m][0]
+    prepare = layer_merge_work(s) + chain_work(cores[:m]) + chain_work(cores[m:])
+    apply = [(batch, s.in_features, r, 1), (batch, r, s.out_features, 1)]
+    return Work(prepare, apply, prepare_numel=(s.in_features + s.out_features) * r)
+
+
+class TTFormat(TrainFormat):
     """``cores``: one ``(r_{k-1}, n_k, r_k)`` tensor per mode of ``([L,] *out, *in)``."""
 
     name = "tt"
-    strategies = ("factorized", "reconstructed", "halves")
+    tensorly_type = "TTTensor"
+    strategies = (
+        Strategy(
+            "factorized",
+            _prepare_factorized,
+            _apply_factorized,
+            _work_factorized,
+            "absorb the in-cores, last first, then expand the out-cores",
+        ),
+        reconstructed(train_reconstruction),
+        Strategy(
+            "halves",
+            _prepare_halves,
+            apply_two_gemms,
+            _work_halves,
+            "multiply out the in-cores and the out-cores, then two GEMMs (a low-rank layer)",
+        ),
+    )
+
+    @classmethod
+    def train_modes(cls, in_modes: Modes, out_modes: Modes, n_layers: int) -> Modes:
+        lead = (n_layers,) if n_layers > 1 else ()
+        return lead + tuple(out_modes) + tuple(in_modes)
 
     def _build(self, factory: dict) -> None:
-        modes = train_modes(self.name, self.in_modes, self.out_modes, self.n_layers)
+        modes = self.train_modes(self.in_modes, self.out_modes, self.n_layers)
         ranks = (1, *self.rank, 1)
         self.cores = nn.ParameterList(
             [
@@ -79,43 +267,37 @@ class TTMatrix(TrainMatrix):
         )
 
     def _to_matrix(self, layer: int | None) -> Tensor:
-        return self._chain(layer).reshape(self.out_features, self.in_features)
-
-    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
-        return tuple(self._layer_cores(layer))
-
-    def _apply_factorized(self, x: Tensor, *cores: Tensor, bias: Tensor | None) -> Tensor:
-        m, batch = len(self.out_modes), x.shape[0]
-        t = x
-        for c in reversed(cores[m:]):  # absorb the in modes, last first: -> (batch, r_m)
-            t = t.reshape(-1, c.shape[1] * c.shape[2]) @ c.reshape(c.shape[0], -1).T
-        # Expand the out modes, last first, with the batch as the last axis: t is
-        # (r_k, out modes done, batch), so each step is one plain GEMM on a contiguous view
-        # (a batch-first layout needs a broadcast matmul, which copies its operands).
-        t = t.T  # (r_m, batch), a transposed view that the GEMM reads as is
-        for c in reversed(cores[:m]):
-            t = c.reshape(-1, c.shape[-1]) @ t.reshape(c.shape[-1], -1)
-        return add_bias(t.reshape(self.out_features, batch).T, bias)
-
-    def _prepare_halves(self, layer: int | None) -> tuple[Tensor, ...]:
-        # Multiply out each half of the train: (in, r_m) and (out, r_m).
-        cores = self._layer_cores(layer)
-        m = len(self.out_modes)
-        out_half = _product(cores[:m]).reshape(self.out_features, -1)
-        in_half = _product(cores[m:]).reshape(-1, self.in_features)
-        return in_half.T, out_half
-
-    def _apply_halves(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
-        return two_gemms(x, a, b, bias)
+        return product(self.layer_cores(layer)).reshape(self.out_features, self.in_features)
 
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         cores = decompose.tensor_train(tensor, self.rank, **kwargs)
         return {f"cores.{k}": c for k, c in enumerate(cores)}
 
+    def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
+        """A ``TTTensor``; a layer core ``(1, L, r)`` comes first."""
+        from tensorly.tt_tensor import TTTensor
 
-def _product(cores: list[Tensor]) -> Tensor:
-    """Multiply out a train ``(r_0, ..., r_k)`` left to right -> ``(r_0 * sizes, r_k)``."""
-    t = cores[0].reshape(-1, cores[0].shape[-1])
-    for c in cores[1:]:
-        t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
-    return t
+        return TTTensor([convert(c) for c in self.cores])
+
+    @classmethod
+    def from_tensorly(
+        cls, obj: Any, in_modes: Modes, out_modes: Modes, convert: Callable[[Any], Tensor]
+    ) -> FactorizedMatrix | None:
+        from tensorly.tt_tensor import TTTensor
+
+        n_layers = layer_count(obj.shape, in_modes, out_modes)
+        if not isinstance(obj, TTTensor) or n_layers is None:
+            return None
+        return _train_from_cores(cls, [convert(c) for c in obj.factors], in_modes, out_modes,
+                                 n_layers)
+
+
+def _train_from_cores(
+    cls: type[TrainFormat], cores: list[Tensor], in_modes: Modes, out_modes: Modes, n_layers: int
+) -> FactorizedMatrix:
+    rank = tuple(int(c.shape[-1]) for c in cores[:-1])
+    module = cls.empty(
+        in_modes, out_modes, rank, n_layers, device=cores[0].device, dtype=cores[0].dtype
+    )
+    module.load_values({f"cores.{k}": c for k, c in enumerate(cores)})
+    return module

@@ -7,21 +7,159 @@ core has a leading ``n_layers`` dimension and the factors are shared by all laye
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import decompose
-from .._ops import mode_dot
-from .base import FactorizedMatrix, add_bias, balanced_std, two_gemms
+from .._ops import mode_dot, unfold
+from ..shapes import Modes
+from . import _curves
+from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count
 
 
-class TuckerMatrix(FactorizedMatrix):
+def _core(w: TuckerFormat, layer: int | None) -> Tensor:
+    return w.core if layer is None else w.core[layer]
+
+
+def _prepare_factorized(w: TuckerFormat, layer: int | None) -> tuple[Tensor, ...]:
+    m = len(w.out_modes)
+    core = _core(w, layer).reshape(math.prod(w.rank[:m]), -1)
+    return (core, *list(w.factors))  # list(): older torch.compile cannot unpack it
+
+
+def _apply_factorized(
+    w: TuckerFormat, x: Tensor, ops: tuple[Tensor, ...], bias: Tensor | None
+) -> Tensor:
+    # Mode by mode, always on the last axis so each step is one plain GEMM; the new axis
+    # is then rotated to the front (after the batch), which after all modes restores the
+    # original order. (Non-negative dims: the legacy ONNX exporter rejects movedim(-1, .).)
+    core, factors = ops[0], ops[1:]
+    m, batch = len(w.out_modes), x.shape[0]
+    t = x.reshape(batch, *w.in_modes)
+    for f in reversed(factors[m:]):  # project onto the in-factors: i_k -> r_k
+        t = mode_dot(t, f.T, t.ndim - 1).movedim(t.ndim - 1, 1)
+    t = (t.reshape(batch, -1) @ core.T).reshape(batch, *w.rank[:m])
+    for f in reversed(factors[:m]):  # expand with the out-factors: r_k -> o_k
+        t = mode_dot(t, f, t.ndim - 1).movedim(t.ndim - 1, 1)
+    return add_bias(t.reshape(batch, w.out_features), bias)
+
+
+def _factorized_products(s: WeightShape, B: int) -> list[Gemm]:
+    """Mode by mode on the last axis, last mode first (as ``_apply_factorized``)."""
+    m = len(s.out_modes)
+    r_out, r_in = s.rank[:m], s.rank[m:]
+    out = []
+    for sizes, ranks in ((s.in_modes, r_in), (r_out, s.out_modes)):
+        done = 1  # product of the sizes already replaced
+        for k in reversed(range(len(sizes))):
+            rows = B * math.prod(sizes[:k]) * done
+            out.append((rows, sizes[k], ranks[k], 1))
+            done *= ranks[k]
+        if sizes is s.in_modes:
+            out.append((B, math.prod(r_in), math.prod(r_out), 1))
+    return out
+
+
+def _work_factorized(s: WeightShape, batch: int) -> Work:
+    products = _factorized_products(s, batch)
+    # Each mode product's output is rotated (movedim), so the next product (or the final
+    # reshape) makes it contiguous once; the core GEMM writes contiguously.
+    k_in = len(s.in_modes)
+    copied = sum(m * n for m, _, n, _ in products[:k_in] + products[k_in + 1 :])
+    return Work([], products, copied_numel=copied)
+
+
+def _kron(factors: list[Tensor]) -> Tensor:
+    """Kronecker product of ``(n_k, r_k)`` matrices -> ``(prod n_k, prod r_k)``, row-major."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[:, None, :, None] * f[None, :, None, :]).reshape(
+            out.shape[0] * f.shape[0], out.shape[1] * f.shape[1]
+        )
+    return out
+
+
+def _prepare_kron(w: TuckerFormat, layer: int | None) -> tuple[Tensor, ...]:
+    # Kronecker products of the factors, (in, R_in) and (out, R_out); the core is folded
+    # into the side with the larger rank so that the apply step is two GEMMs through
+    # min(R_in, R_out).
+    m = len(w.out_modes)
+    factors = list(w.factors)  # a list, not a ParameterList slice, for torch.compile
+    k_in, k_out = _kron(factors[m:]), _kron(factors[:m])
+    core = _core(w, layer).reshape(k_out.shape[1], k_in.shape[1])
+    if k_in.shape[1] <= k_out.shape[1]:
+        return k_in, k_out @ core
+    return (core @ k_in.T).T, k_out
+
+
+def _work_kron(s: WeightShape, batch: int) -> Work:
+    m = len(s.out_modes)
+    R_out, R_in = math.prod(s.rank[:m]), math.prod(s.rank[m:])
+    if R_in <= R_out:
+        prepare, mid = [(s.out_features, R_out, R_in, 1)], R_in
+    else:
+        prepare, mid = [(R_out, R_in, s.in_features, 1)], R_out
+    apply = [(batch, s.in_features, mid, 1), (batch, mid, s.out_features, 1)]
+    return Work(prepare, apply, prepare_numel=s.in_features * R_in + s.out_features * R_out)
+
+
+def _reconstruction(s: WeightShape) -> tuple[list[Gemm], int]:
+    dims, out = list(s.rank), []
+    for k, n in enumerate(s.out_modes + s.in_modes):
+        out.append((math.prod(dims) // dims[k], dims[k], n, 1))
+        dims[k] = n
+    return out, 0
+
+
+class TuckerFormat(FactorizedMatrix):
     """``core ([L,] *out_ranks, *in_ranks)``; ``factors``: out ``(o_k, r_k)``, in ``(i_k, r_k)``."""
 
     name = "tucker"
-    strategies = ("factorized", "reconstructed", "kron")
+    tensorly_type = "TuckerTensor"
+    strategies = (
+        Strategy(
+            "factorized",
+            _prepare_factorized,
+            _apply_factorized,
+            _work_factorized,
+            "mode by mode (each on the last axis, last mode first), the core in between",
+        ),
+        reconstructed(_reconstruction),
+        Strategy(
+            "kron",
+            _prepare_kron,
+            apply_two_gemms,
+            _work_kron,
+            "Kronecker products of the factors, the core folded into the side of larger "
+            "rank: two GEMMs through min(R_in, R_out)",
+        ),
+    )
+
+    # ---------------------------------------------------------------- rank policy
+
+    @classmethod
+    def rank_caps(cls, in_modes: Modes, out_modes: Modes, n_layers: int = 1) -> tuple[int, ...]:
+        return tuple(out_modes) + tuple(in_modes)
+
+    @classmethod
+    def param_count(cls, in_modes: Modes, out_modes: Modes, rank: Any, n_layers: int = 1) -> int:
+        sizes = tuple(out_modes) + tuple(in_modes)
+        return n_layers * math.prod(rank) + sum(s * r for s, r in zip(sizes, rank))
+
+    @classmethod
+    def rank_family(cls, caps: tuple[int, ...]) -> Callable[[float], tuple[int, ...]]:
+        """Ranks proportional to the mode sizes: ``r_k = clip(round(t * n_k), 1, n_k)``."""
+        return lambda t: tuple(min(c, max(1, round(t * c))) for c in caps)
+
+    @classmethod
+    def rank_help(cls, n: int) -> str:
+        return f"{n} ranks (one per out mode, then one per in mode)"
+
+    # ---------------------------------------------------------------- parameters
 
     def _build(self, factory: dict) -> None:
         lead = (self.n_layers,) if self.n_layers > 1 else ()
@@ -31,47 +169,11 @@ class TuckerMatrix(FactorizedMatrix):
             [nn.Parameter(torch.empty(n, r, **factory)) for n, r in zip(sizes, self.rank)]
         )
 
-    def _core(self, layer: int | None) -> Tensor:
-        return self.core if layer is None else self.core[layer]
-
     def _to_matrix(self, layer: int | None) -> Tensor:
-        t = self._core(layer)
+        t = _core(self, layer)
         for k, f in enumerate(self.factors):
             t = mode_dot(t, f, k)
         return t.reshape(self.out_features, self.in_features)
-
-    def _prepare_factorized(self, layer: int | None) -> tuple[Tensor, ...]:
-        m = len(self.out_modes)
-        core = self._core(layer).reshape(math.prod(self.rank[:m]), -1)
-        return (core, *list(self.factors))  # list(): older torch.compile cannot unpack it
-
-    def _apply_factorized(self, x: Tensor, core: Tensor, *factors: Tensor, bias=None) -> Tensor:
-        # Mode by mode, always on the last axis so each step is one plain GEMM; the new axis
-        # is then rotated to the front (after the batch), which after all modes restores the
-        # original order. (Non-negative dims: the legacy ONNX exporter rejects movedim(-1, .).)
-        m, batch = len(self.out_modes), x.shape[0]
-        t = x.reshape(batch, *self.in_modes)
-        for f in reversed(factors[m:]):  # project onto the in-factors: i_k -> r_k
-            t = mode_dot(t, f.T, t.ndim - 1).movedim(t.ndim - 1, 1)
-        t = (t.reshape(batch, -1) @ core.T).reshape(batch, *self.rank[:m])
-        for f in reversed(factors[:m]):  # expand with the out-factors: r_k -> o_k
-            t = mode_dot(t, f, t.ndim - 1).movedim(t.ndim - 1, 1)
-        return add_bias(t.reshape(batch, self.out_features), bias)
-
-    def _prepare_kron(self, layer: int | None) -> tuple[Tensor, ...]:
-        # Kronecker products of the factors, (in, R_in) and (out, R_out); the core is folded
-        # into the side with the larger rank so that the apply step is two GEMMs through
-        # min(R_in, R_out).
-        m = len(self.out_modes)
-        factors = list(self.factors)  # a list, not a ParameterList slice, for torch.compile
-        k_in, k_out = _kron(factors[m:]), _kron(factors[:m])
-        core = self._core(layer).reshape(k_out.shape[1], k_in.shape[1])
-        if k_in.shape[1] <= k_out.shape[1]:
-            return k_in, k_out @ core
-        return (core @ k_in.T).T, k_out
-
-    def _apply_kron(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
-        return two_gemms(x, a, b, bias)
 
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, math.prod(self.rank), 1 + len(self.factors))
@@ -83,7 +185,7 @@ class TuckerMatrix(FactorizedMatrix):
         return self.core[layer]
 
     def _moments(self, layer: int | None) -> tuple[float, float] | None:
-        core = self._core(layer).double()
+        core = _core(self, layer).double()
         factors = [f.double() for f in self.factors]
         total, projected = core, core
         for k, f in enumerate(factors):
@@ -102,12 +204,75 @@ class TuckerMatrix(FactorizedMatrix):
             values[f"factors.{k}"] = f
         return values
 
+    # ---------------------------------------------------------------- compression hooks
 
-def _kron(factors: list[Tensor]) -> Tensor:
-    """Kronecker product of ``(n_k, r_k)`` matrices -> ``(prod n_k, prod r_k)``, row-major."""
-    out = factors[0]
-    for f in factors[1:]:
-        out = (out[:, None, :, None] * f[None, :, None, :]).reshape(
-            out.shape[0] * f.shape[0], out.shape[1] * f.shape[1]
+    @classmethod
+    def error_curve(
+        cls,
+        weight: Tensor,
+        in_modes: Modes,
+        out_modes: Modes,
+        n_layers: int,
+        fractions: Sequence[float],
+        decomposition_kwargs: dict[str, Any],
+    ) -> list[Option]:
+        """Exact error of the truncated HOSVD, ``||W||^2 - ||W x_k U_k^T||^2`` (De Lathauwer
+        et al., SIAM J. Matrix Anal. Appl. 21(4), 2000): an upper bound of what the HOOI of
+        ``from_linear`` reaches."""
+        lead = (n_layers,) if n_layers > 1 else ()
+        X = weight.to(torch.float64).reshape(*lead, *out_modes, *in_modes)
+        norm_sq = float(X.pow(2).sum())
+        caps = cls.rank_caps(in_modes, out_modes, n_layers)
+
+        def count(rank: Any) -> int:
+            return cls.param_count(in_modes, out_modes, rank, n_layers)
+
+        offset = len(lead)
+        bases, tails = [], []
+        for k in range(len(caps)):
+            M = unfold(X, offset + k)
+            vals, vecs = torch.linalg.eigh(M @ M.T)  # left singular vectors of the unfolding
+            bases.append(vecs.flip(-1))
+            tails.append(_curves.tails(vals.flip(-1).clamp_min(0)))
+        members = _curves.sample(_curves.chain(tails, caps, count), count, 4 * _curves.CHAIN_SAMPLES)
+        family = _curves.family(cls, in_modes, out_modes, n_layers, fractions)
+
+        def error(rank: Any) -> float:
+            core = X
+            for k in sorted(range(len(rank)), key=lambda k: rank[k] / bases[k].shape[0]):
+                core = mode_dot(core, bases[k][:, : rank[k]].T, offset + k)
+            return max(norm_sq - float(core.pow(2).sum()), 0.0)
+
+        ranks = list(dict.fromkeys([*members, *family]))
+        return sorted((count(r), error(r), r) for r in ranks)
+
+    # ---------------------------------------------------------------- TensorLy
+
+    def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
+        """A ``TuckerTensor``; a layer mode gets an identity factor."""
+        from tensorly.tucker_tensor import TuckerTensor
+
+        factors = [convert(f) for f in self.factors]
+        if self.n_layers > 1:
+            eye = torch.eye(self.n_layers, dtype=self.core.dtype, device=self.core.device)
+            factors.insert(0, convert(eye))
+        return TuckerTensor((convert(self.core), factors))
+
+    @classmethod
+    def from_tensorly(
+        cls, obj: Any, in_modes: Modes, out_modes: Modes, convert: Callable[[Any], Tensor]
+    ) -> FactorizedMatrix | None:
+        from tensorly.tucker_tensor import TuckerTensor
+
+        n_layers = layer_count(obj.shape, in_modes, out_modes)
+        if not isinstance(obj, TuckerTensor) or n_layers is None:
+            return None
+        core, factors = convert(obj.core), [convert(f) for f in obj.factors]
+        if n_layers > 1:  # absorb the layer factor: the layer mode is kept at full size
+            core = torch.tensordot(factors.pop(0), core, dims=([1], [0]))
+        rank = tuple(core.shape[1:] if n_layers > 1 else core.shape)
+        module = cls.empty(
+            in_modes, out_modes, rank, n_layers, device=core.device, dtype=core.dtype
         )
-    return out
+        module.load_values({"core": core, **{f"factors.{k}": f for k, f in enumerate(factors)}})
+        return module

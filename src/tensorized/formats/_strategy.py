@@ -1,0 +1,165 @@
+"""Strategies: one way of computing ``x @ W.T`` for a format, with the work it costs.
+
+A :class:`Strategy` keeps side by side the code that computes (``prepare``: work on the
+weight alone; ``apply``: work on the input) and the :class:`Work` the planner counts for it
+(the matrix products the code runs, and its element-wise traffic). The planner
+(:mod:`tensorized.plan`) only reads :class:`Work`; the tests check it against the FLOPs and
+copies the code really makes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from .base import FactorizedMatrix
+
+__all__ = ["Gemm", "Strategy", "WeightShape", "Work"]
+
+#: ``(m, k, n, count)``: ``count`` products of one ``(m, k)`` matrix by a ``(k, n)`` matrix.
+Gemm = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class WeightShape:
+    """What the cost model needs of a factorized weight: shapes only, no tensors.
+
+    Plain constants (hashable), so that planning under ``torch.compile`` sees no module.
+
+    Attributes:
+        name: the registered format name.
+        in_modes, out_modes: the tensorized shape.
+        rank: the concrete rank.
+        n_layers: size of the layer mode.
+        param_shapes: ``(parameter name, shape)`` of every parameter, in registration order.
+        num_params: total parameters.
+    """
+
+    name: str
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    rank: Any
+    n_layers: int
+    param_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    num_params: int
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_modes)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_modes)
+
+    def shapes(self, prefix: str) -> list[tuple[int, ...]]:
+        """Shapes of the parameters named ``prefix`` or ``prefix.k`` (a ParameterList)."""
+        return [s for n, s in self.param_shapes if n == prefix or n.startswith(prefix + ".")]
+
+
+@dataclass(frozen=True)
+class Work:
+    """The work of one strategy at one batch size, as the code does it.
+
+    Attributes:
+        prepare: matrix products on the weight alone (paid per call unless the operands
+            are cached with :meth:`FactorizedLinear.merge`).
+        apply: matrix products on the input.
+        prepare_numel: elements written by element-wise work in ``prepare``.
+        apply_numel: elements written by element-wise work on the input (its backward
+            reduces over the broadcast dims: about twice again).
+        copied_numel: elements copied between the products of ``apply``.
+        extra_calls: element-wise kernel calls in ``apply`` beyond the products.
+    """
+
+    prepare: list[Gemm]
+    apply: list[Gemm]
+    prepare_numel: int = 0
+    apply_numel: int = 0
+    copied_numel: int = 0
+    extra_calls: int = 0
+
+
+Prepare = Callable[[Any, Any], tuple[Tensor, ...]]
+Apply = Callable[[Any, Tensor, tuple[Tensor, ...], "Tensor | None"], Tensor]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to compute ``x @ W.T + b`` for a format.
+
+    Attributes:
+        name: its name, unique within the format (``'factorized'``, ``'reconstructed'``,
+            ``'kron'``, ...); a layer's ``implementation`` names it.
+        prepare: ``(weight, layer index or None) -> operands``: the work on the weight alone.
+        apply: ``(weight, x (batch, in), operands, bias) -> (batch, out)``.
+        work: ``(WeightShape, batch) -> Work``: what the planner counts.
+        summary: one line for the docs and ``Plan`` tables.
+    """
+
+    name: str
+    prepare: Prepare = field(repr=False)
+    apply: Apply = field(repr=False)
+    work: Callable[[WeightShape, int], Work] = field(repr=False)
+    summary: str = ""
+    #: The format class that declares it (set when the class is created): strategies are
+    #: pickled by reference to it, so modules holding one pickle and deep-copy.
+    owner: type | None = field(default=None, repr=False, compare=False)
+
+    def __reduce__(self) -> tuple:
+        if self.owner is None:
+            raise TypeError(f"strategy {self.name!r} belongs to no format class: cannot pickle")
+        return (_declared, (self.owner, self.name))
+
+    def __call__(
+        self, weight: FactorizedMatrix, x: Tensor, layer: int | None, bias: Tensor | None = None
+    ) -> Tensor:
+        """``x (batch, in) -> (batch, out)`` for a validated ``layer``."""
+        return self.apply(weight, x, self.prepare(weight, layer), bias)
+
+
+def _declared(owner: type, name: str) -> Strategy:
+    """The strategy ``name`` declared by format class ``owner`` (unpickling)."""
+    return next(s for s in owner.strategies if s.name == name)  # type: ignore[attr-defined]
+
+
+def reconstructed(reconstruction: Callable[[WeightShape], tuple[list[Gemm], int]]) -> Strategy:
+    """The strategy that rebuilds ``W`` (``weight._to_matrix``), then runs one GEMM.
+
+    Args:
+        reconstruction: ``WeightShape -> (products, element-wise numel)`` of the format's
+            ``_to_matrix``.
+    """
+
+    def work(shape: WeightShape, batch: int) -> Work:
+        products, numel = reconstruction(shape)
+        apply = [(batch, shape.in_features, shape.out_features, 1)]
+        return Work(products, apply, prepare_numel=numel + shape.out_features * shape.in_features)
+
+    return Strategy(
+        "reconstructed",
+        lambda w, layer: (w._to_matrix(layer),),
+        lambda w, x, ops, bias: F.linear(x, ops[0], bias),
+        work,
+        "rebuild W from the factors, then one GEMM",
+    )
+
+
+def two_gemms(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(x @ a) @ b.T + bias``: the apply step of every rank-``r`` factor pair."""
+    return F.linear(x @ a, b, bias)
+
+
+def apply_two_gemms(w: Any, x: Tensor, ops: tuple[Tensor, ...], bias: Tensor | None) -> Tensor:
+    """``apply`` of a strategy whose operands are ``(a (in, r), b (out, r))``."""
+    return F.linear(x @ ops[0], ops[1], bias)
+
+
+def two_gemm_work(batch: int, shape: WeightShape, mid: int) -> list[Gemm]:
+    """The apply products of :func:`apply_two_gemms` through a middle dimension ``mid``."""
+    return [(batch, shape.in_features, mid, 1), (batch, mid, shape.out_features, 1)]

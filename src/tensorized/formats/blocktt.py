@@ -1,0 +1,147 @@
+"""TT-matrix format (also BlockTT, TTM, MPO): one core per (out_k, in_k) pair.
+
+Core k has shape ``(r_{k-1}, out_k, in_k, r_k)`` with ``r_0 = r_m = 1``; a layer mode is an
+extra leading core ``(1, n_layers, r_0')``. Needs as many in modes as out modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import decompose
+from ..shapes import Modes
+from ._strategy import Strategy, WeightShape, Work, reconstructed
+from .base import FactorizedMatrix, add_bias
+from .tt import TrainFormat, _train_from_cores, layer_merge_work, layer_shapes, product
+from .tt import train_reconstruction
+
+
+def _prepare_factorized(w: BlockTTFormat, layer: int | None) -> tuple[Tensor, ...]:
+    # Each core (r, o, i, r') as the matrix (o * r', r * i) that the sweep multiplies by.
+    return tuple(
+        c.permute(1, 3, 0, 2).reshape(c.shape[1] * c.shape[3], c.shape[0] * c.shape[2])
+        for c in w.layer_cores(layer)
+    )
+
+
+def _apply_factorized(
+    w: BlockTTFormat, x: Tensor, mats: tuple[Tensor, ...], bias: Tensor | None
+) -> Tensor:
+    # Sweep left to right; t is laid out as (batch, out_<k, r_{k-1}, in_k, in_>k).
+    t = x
+    rest = w.in_features
+    for mat, i in zip(mats, w.in_modes):
+        rest //= i
+        t = mat @ t.reshape(-1, mat.shape[1], rest)
+    return add_bias(t.reshape(x.shape[0], w.out_features), bias)
+
+
+def _products(s: WeightShape, batch: int) -> list[tuple[int, int, int, int]]:
+    out, done, rest = [], 1, s.in_features
+    for r, o, i, r_next in layer_shapes(s):
+        rest //= i
+        out.append((o * r_next, r * i, rest, batch * done))
+        done *= o
+    return out
+
+
+def _work_factorized(s: WeightShape, batch: int) -> Work:
+    products = _products(s, batch)
+    # torch.matmul((m, k), (c, k, n)) folds into one GEMM on transposed copies: the
+    # (c, k, n) operand (when c > 1) and the (c, m, n) result; nothing when n == 1.
+    copied = sum((c * k * n if c > 1 else 0) + c * m * n for m, k, n, c in products if n > 1)
+    return Work(layer_merge_work(s), products, prepare_numel=s.num_params, copied_numel=copied)
+
+
+class BlockTTFormat(TrainFormat):
+    """``cores``: ``[(1, L, r)]`` with a layer mode, then ``(r_{k-1}, out_k, in_k, r_k)``."""
+
+    name = "blocktt"
+    aliases = ("ttm", "tt-matrix", "ttmatrix", "mpo")
+    tensorly_type = "TTMatrix"
+    strategies = (
+        Strategy(
+            "factorized",
+            _prepare_factorized,
+            _apply_factorized,
+            _work_factorized,
+            "core by core, each (out_k, in_k) pair in one batched GEMM",
+        ),
+        reconstructed(train_reconstruction),
+    )
+
+    @classmethod
+    def check_modes(cls, in_modes: Modes, out_modes: Modes) -> None:
+        if len(in_modes) != len(out_modes):
+            raise ValueError(
+                f"factorization='blocktt' pairs each out mode with an in mode, so it needs as "
+                f"many in modes as out modes; got in modes {tuple(in_modes)} and out modes "
+                f"{tuple(out_modes)}"
+            )
+
+    @classmethod
+    def train_modes(cls, in_modes: Modes, out_modes: Modes, n_layers: int) -> Modes:
+        lead = (n_layers,) if n_layers > 1 else ()
+        return lead + tuple(o * i for o, i in zip(out_modes, in_modes))
+
+    @classmethod
+    def _train_tensor(cls, X: Tensor, n_layers: int, n_out: int) -> Tensor:
+        # ([L,] out_1..out_m, in_1..in_m) -> ([L,] out_1, in_1, ..., out_m, in_m)
+        lead = 1 if n_layers > 1 else 0
+        perm = list(range(lead))
+        for k in range(n_out):
+            perm += [lead + k, lead + n_out + k]
+        return X.permute(perm)
+
+    def _build(self, factory: dict) -> None:
+        lead = 1 if self.n_layers > 1 else 0
+        ranks = (1, *self.rank, 1)
+        shapes = [(1, self.n_layers, ranks[1])] if lead else []
+        for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes)):
+            shapes.append((ranks[k + lead], o, i, ranks[k + lead + 1]))
+        self.cores = nn.ParameterList([nn.Parameter(torch.empty(s, **factory)) for s in shapes])
+
+    def _to_matrix(self, layer: int | None) -> Tensor:
+        m = len(self.out_modes)
+        pairs = [n for o, i in zip(self.out_modes, self.in_modes) for n in (o, i)]
+        perm = list(range(0, 2 * m, 2)) + list(range(1, 2 * m, 2))
+        t = product(self.layer_cores(layer)).reshape(pairs).permute(perm)
+        return t.reshape(self.out_features, self.in_features)
+
+    def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        cores = decompose.tensor_train_matrix(tensor, len(self.out_modes), self.rank, **kwargs)
+        return {f"cores.{k}": c for k, c in enumerate(cores)}
+
+    def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
+        """A ``TTMatrix``; the layer core becomes ``(1, L, 1, r)``: row modes ``(L, *out)``,
+        column modes ``(1, *in)``."""
+        from tensorly.tt_matrix import TTMatrix
+
+        cores = list(self.cores)
+        if self.n_layers > 1:
+            cores[0] = cores[0].unsqueeze(2)
+        return TTMatrix([convert(c) for c in cores])
+
+    @classmethod
+    def from_tensorly(
+        cls, obj: Any, in_modes: Modes, out_modes: Modes, convert: Callable[[Any], Tensor]
+    ) -> FactorizedMatrix | None:
+        from tensorly.tt_matrix import TTMatrix
+
+        if not isinstance(obj, TTMatrix):
+            return None
+        shape = tuple(int(n) for n in obj.shape)  # (*row modes, *column modes)
+        rows, cols = shape[: len(shape) // 2], shape[len(shape) // 2 :]
+        n_layers = 1
+        if len(rows) == len(out_modes) + 1 and cols[0] == 1:
+            n_layers, rows, cols = rows[0], rows[1:], cols[1:]
+        if (rows, cols) != (tuple(out_modes), tuple(in_modes)):
+            return None
+        cores = [convert(c) for c in obj.factors]
+        if n_layers > 1:
+            cores[0] = cores[0].squeeze(2)
+        return _train_from_cores(cls, cores, in_modes, out_modes, n_layers)
