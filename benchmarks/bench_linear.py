@@ -221,7 +221,7 @@ def build_ours(
     in_modes, out_modes = tz.tensorize_shape(*shape, order=3)
     auto = tz.FactorizedLinear(in_modes, out_modes, factorization=fmt, rank=ratio, device=device)
     layers: dict[str, nn.Module] = {"auto": auto}
-    for strategy in auto.weight.strategies:
+    for strategy in auto.weight.strategy_names():
         fixed = copy.deepcopy(auto)
         fixed.implementation = strategy
         layers[strategy] = fixed

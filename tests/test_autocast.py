@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import tensorized as tz
+from oracles import dense_forward
 from tensorized.formats import FORMATS
 
 BF16 = torch.bfloat16
@@ -22,7 +22,7 @@ F64 = torch.float64
 CASES = [
     (fmt, strategy, n_layers)
     for fmt, cls in FORMATS.items()
-    for strategy in ("auto", *cls.strategies)
+    for strategy in ("auto", *cls.strategy_names())
     for n_layers in (1, 2)
 ]
 IDS = [f"{fmt}-{s}-L{n}" for fmt, s, n in CASES]
@@ -50,12 +50,9 @@ def _layer(fmt: str, strategy: str, n_layers: int) -> tz.FactorizedLinear:
 
 
 def _oracle(layer: tz.FactorizedLinear, x: torch.Tensor, index: int) -> torch.Tensor:
-    """float64 dense ``x W^T + b`` of layer ``index``."""
+    """float64 dense ``x W^T + b`` of layer ``index``, from the factor definitions."""
     with torch.no_grad():
-        weight = copy.deepcopy(layer.weight).to(F64)  # reconstructed in float64 too
-        W = weight.to_matrix(index if layer.n_layers > 1 else None)
-        b = layer.bias[index] if layer.n_layers > 1 else layer.bias
-        return F.linear(x.to(F64), W, b.to(F64))
+        return dense_forward(layer, x, index)
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ import torch
 import tensorized as tz
 from tensorized.formats import FORMATS
 
-CASES = [(fmt, s) for fmt, cls in FORMATS.items() for s in ("auto", *cls.strategies)]
+CASES = [(fmt, s) for fmt, cls in FORMATS.items() for s in ("auto", *cls.strategy_names())]
 RANK = {"dense": "same", "cp": 4, "lowrank": 3}
 
 

@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
 ]
 RANK = {"dense": "same", "cp": 6, "lowrank": 4}
-CASES = [(fmt, s) for fmt, cls in FORMATS.items() for s in ("auto", *cls.strategies)]
+CASES = [(fmt, s) for fmt, cls in FORMATS.items() for s in ("auto", *cls.strategy_names())]
 
 
 class Net(nn.Module):

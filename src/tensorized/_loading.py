@@ -6,6 +6,7 @@ Kept apart from :mod:`tensorized.cli` (argument parsing and commands) so each st
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 TORCH_SUFFIXES = (".pt", ".pth")
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -31,7 +32,7 @@ def _torch_load(path: Path, *, weights_only: bool, what: str) -> Any:
         ) from exc
 
 
-def _transformers(quiet: bool = False):
+def _transformers(quiet: bool = False) -> ModuleType:
     try:
         import transformers
     except ImportError:

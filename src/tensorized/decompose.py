@@ -165,7 +165,7 @@ def _exact_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _randomized_svd(
-    M: Tensor, rank: int, n_oversamples: int, n_power_iter: int, generator
+    M: Tensor, rank: int, n_oversamples: int, n_power_iter: int, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     gen = _generator(generator, M.device)
     n = M.shape[-1]
@@ -180,7 +180,7 @@ def _randomized_svd(
     return (Q @ U)[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
-def _leading_subspace(matrix: Tensor, rank: int, generator) -> Tensor:
+def _leading_subspace(matrix: Tensor, rank: int, generator: torch.Generator | None) -> Tensor:
     """Orthonormal ``(m, rank)`` basis of the leading left singular subspace of ``matrix``.
 
     Through the Gram matrix when ``m`` is small (cheap and exact enough for a subspace),
@@ -309,7 +309,7 @@ def cp_als(
             Z = partial.to(dtype).reshape(*shape[lo:hi], rank)
             # V_k = (new grams before k) * (old grams after k): one running prefix product
             # and suffix products taken once per half, instead of d products per mode.
-            suffix = [None] * (hi - lo)
+            suffix: list[Tensor | None] = [None] * (hi - lo)
             acc = _hadamard(grams[hi:]) if hi < d else None
             for k in reversed(range(lo, hi)):
                 suffix[k - lo] = acc
@@ -435,13 +435,14 @@ def tucker(
     if scale != 1:
         X = X / scale
     gen = _generator(generator, X.device)
-    modes = [k for k, r in enumerate(ranks) if r is not None]
+    mode_ranks = {k: r for k, r in enumerate(ranks) if r is not None}
+    modes = list(mode_ranks)
     factors: list[Tensor | None] = [None] * X.ndim
-    for k in modes:
+    for k, r in mode_ranks.items():
         if init == "svd":
-            factors[k] = _leading_subspace(unfold(X, k), ranks[k], gen)
+            factors[k] = _leading_subspace(unfold(X, k), r, gen)
         else:
-            rand = torch.randn(X.shape[k], ranks[k], generator=gen, device=X.device, dtype=dtype)
+            rand = torch.randn(X.shape[k], r, generator=gen, device=X.device, dtype=dtype)
             factors[k] = torch.linalg.qr(rand)[0]
     norm_x = X.norm()
     core = _project(X, factors)
@@ -454,8 +455,8 @@ def tucker(
             partial = _project(X, [f if k in other else None for k, f in enumerate(factors)])
             for k in half:
                 Y = _project(partial, [f if j in half else None for j, f in enumerate(factors)], k)
-                factors[k] = _leading_subspace(unfold(Y, k), ranks[k], gen)
-        core = mode_dot(Y, factors[k].T, k)
+                factors[k] = last = _leading_subspace(unfold(Y, k), mode_ranks[k], gen)
+        core = mode_dot(Y, last.T, k)
         errors.append(_tucker_error(core, norm_x))
         if abs(errors[-2] - errors[-1]) < tol:
             break
@@ -464,12 +465,9 @@ def tucker(
 
 def _project(X: Tensor, factors: Sequence[Tensor | None], skip: int | None = None) -> Tensor:
     """``X x_k factors[k]^T`` over every compressed mode but ``skip``, biggest shrink first."""
-    order = sorted(
-        (k for k, f in enumerate(factors) if f is not None and k != skip),
-        key=lambda k: factors[k].shape[1] / factors[k].shape[0],
-    )
-    for k in order:
-        X = mode_dot(X, factors[k].T, k)
+    compressed = [(k, f) for k, f in enumerate(factors) if f is not None and k != skip]
+    for k, f in sorted(compressed, key=lambda kf: kf[1].shape[1] / kf[1].shape[0]):
+        X = mode_dot(X, f.T, k)
     return X
 
 

@@ -148,7 +148,8 @@ def _latency(
     for _ in range(3):  # warm-up: plans, caches of rebuilt weights, allocator
         model(x)
         reference(x)
-    mine, theirs = [], []
+    mine: list[float] = []
+    theirs: list[float] = []
     for _ in range(repeats):
         for m, times in ((model, mine), (reference, theirs)):
             start = time.perf_counter()
@@ -211,7 +212,15 @@ def run_demo(
     return rows
 
 
-def _run(formats, budgets, seed, epochs, finetune_epochs, repeats, say) -> list[dict[str, Any]]:
+def _run(
+    formats: Sequence[str],
+    budgets: Sequence[float],
+    seed: int,
+    epochs: int,
+    finetune_epochs: int,
+    repeats: int,
+    say: Callable[[str], Any],
+) -> list[dict[str, Any]]:
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_data(seed)
     base = train(make_mlp(seed=seed), x_train, y_train, epochs=epochs, lr=2e-3, seed=seed)
@@ -219,7 +228,7 @@ def _run(formats, budgets, seed, epochs, finetune_epochs, repeats, say) -> list[
     x_lat = x_test[:LATENCY_BATCH]
     calibration = list(x_train.split(256))
     lat, _ = _latency(base, base, x_lat, repeats)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "format": "dense",
             "budget": 1.0,

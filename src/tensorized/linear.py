@@ -15,8 +15,15 @@ from torch.utils.checkpoint import checkpoint
 from . import convert, interop
 from ._index import normalize_index
 from .formats import FactorizedMatrix, Strategy, get_format
-from .plan import Plan, any_batch_strategy, cached_strategy, make_plan, planned_strategy
-from .plan import signature_id
+from .plan import (
+    Plan,
+    _plans,
+    any_batch_strategy,
+    cached_strategy,
+    make_plan,
+    planned_strategy,
+    signature_id,
+)
 from .ranks import ConcreteRank, RankSpec
 from .shapes import Modes, resolve_modes
 
@@ -30,12 +37,6 @@ class _Merged(NamedTuple):
 
     strategy: Strategy
     operands: dict[int | None, tuple[Tensor, ...]]
-
-
-def _tracing() -> bool:
-    """Whether a graph is being captured (torch.compile / torch.export, or the TorchScript
-    tracer of the legacy ONNX exporter)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -199,10 +200,24 @@ class FactorizedLinear(nn.Module):
         self.register_load_state_dict_post_hook(_after_load)
 
     def _bind_parameters(self) -> None:
-        # A plain tuple (not registered): forward reads dtypes and requires_grad flags from it
-        # without walking the module tree. Rebound whenever parameters may be replaced
-        # (to(), to_empty(), load_state_dict(assign=True)).
-        self._weight_params = tuple(self.weight.parameters())
+        # A plain tuple (not registered): forward reads the weight module, dtypes and
+        # requires_grad flags from it without module attribute lookups. Rebound whenever they
+        # may be replaced (to(), to_empty(), load_state_dict(assign=True), layer.weight = ...).
+        weight = self._modules["weight"]
+        self._bound = (weight, tuple(weight.parameters()))
+        self._weight_params = self._bound[1]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "weight" and "_bound" in self.__dict__:
+            if not isinstance(value, FactorizedMatrix):
+                raise TypeError(
+                    f"weight must be a tensorized.FactorizedMatrix, got {type(value).__name__}"
+                )
+            self._bind_parameters()
+            self._signature_id = signature_id(value.signature_key)
+            self.implementation = "auto" if self._fixed is None else self._fixed.name
+            self._merged = None
 
     # ------------------------------------------------------------------ attributes
 
@@ -448,7 +463,7 @@ class FactorizedLinear(nn.Module):
     def _strategy(self, rows: int, grad: bool, dtype: torch.dtype, device: Any) -> Strategy:
         if self._fixed is not None:
             return self._fixed
-        key = (self._signature_id, rows, grad, False, dtype, device.type)
+        key = (self._signature_id, rows, grad, dtype, device)
         name = cached_strategy(
             key, self.weight.signature_key, rows, grad, False, dtype, device.type
         )
@@ -467,23 +482,24 @@ class FactorizedLinear(nn.Module):
         Returns:
             ``(..., out_features)``.
         """
+        # Everything below runs on every call: plain attribute reads of values bound at
+        # construction (module attribute lookups cost about a microsecond each).
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        weight = self.weight
+        weight, params = self._bound
         if x.ndim == 0 or x.shape[-1] != weight.in_features:
             raise ValueError(
                 f"x must have in_features={weight.in_features} features in its last dim, got "
                 f"input shape {tuple(x.shape)}"
             )
-        param = self._weight_params[0]
-        if x.dtype != param.dtype:
-            self._check_dtype(x, param.dtype)
+        if x.dtype is not params[0].dtype:
+            self._check_dtype(x, params[0].dtype)
         n = weight.n_layers
         if type(indices) is int and 0 <= indices < n:  # the common case, checked cheaply
             layer = indices if n > 1 else None
         else:
-            layer = normalize_index(indices, n)
-            layer = layer if n > 1 else None
+            i = normalize_index(indices, n)
+            layer = i if n > 1 else None
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, layer, use_reentrant=False)
         return self._forward(x, layer)
@@ -499,17 +515,18 @@ class FactorizedLinear(nn.Module):
             )
 
     def _forward(self, x: Tensor, layer: int | None) -> Tensor:
-        weight = self.weight
-        bias = self.bias
+        weight, params = self._bound
+        bias = self._parameters["bias"]
         if bias is not None and layer is not None:
             bias = bias[layer]
         x2d = x if x.ndim == 2 else x.reshape(-1, weight.in_features)
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._weight_params)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         merged = self._merged
-        if _tracing():
-            # Planned while tracing (not traced): the choice is a constant of the graph, made
-            # for every batch size (a graph may serve them all: dynamic shapes, ONNX dynamic
-            # axes), and computed from the parameters.
+        if torch.compiler.is_compiling() or torch._C._is_tracing():
+            # A graph is being captured (torch.compile / torch.export, or the TorchScript
+            # tracer of the legacy ONNX exporter). Planned while tracing (not traced): the
+            # choice is a constant of the graph, made for every batch size (a graph may serve
+            # them all: dynamic shapes, ONNX dynamic axes), and computed from the parameters.
             strategy = self._fixed or weight.strategy(
                 planned_strategy(
                     weight.signature_key, None, grad, x.dtype, x.device.type, False
@@ -521,7 +538,16 @@ class FactorizedLinear(nn.Module):
         else:
             if merged is not None:  # gradients flow: the parameters are about to change
                 self._merged = None
-            strategy = self._strategy(max(x2d.shape[0], 1), grad, x.dtype, x.device)
+            strategy = self._fixed
+            if strategy is None:
+                rows = x2d.shape[0] or 1  # an empty batch costs nothing: planned as one row
+                key = (self._signature_id, rows, grad, x.dtype, x.device)
+                name = _plans.get(key)
+                if name is None:
+                    name = cached_strategy(
+                        key, weight.signature_key, rows, grad, False, x.dtype, x.device.type
+                    )
+                strategy = weight._strategies[name]
             y = strategy.apply(weight, x2d, strategy.prepare(weight, layer), bias)
         return y if x.ndim == 2 else y.reshape(*x.shape[:-1], weight.out_features)
 
@@ -658,7 +684,9 @@ class FactorizedLinear(nn.Module):
             verbose=verbose,
             joint=False,
         )
-        return cls.from_weight(weight, b, implementation=implementation, checkpointing=checkpointing)
+        return cls.from_weight(
+            weight, b, implementation=implementation, checkpointing=checkpointing
+        )
 
     @classmethod
     def from_linear_list(
@@ -695,7 +723,9 @@ class FactorizedLinear(nn.Module):
             verbose=verbose,
             joint=True,
         )
-        return cls.from_weight(weight, b, implementation=implementation, checkpointing=checkpointing)
+        return cls.from_weight(
+            weight, b, implementation=implementation, checkpointing=checkpointing
+        )
 
 
 def _after_load(module: nn.Module, incompatible: Any) -> None:

@@ -30,7 +30,7 @@ import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Union
 
 from .formats._registry import get_format

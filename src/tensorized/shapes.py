@@ -148,16 +148,18 @@ def resolve_modes(
                 f"{name} must be a tuple of ints (the modes) or an int (auto-tensorize), got "
                 f"{type(spec).__name__} {spec!r}{hint}"
             )
+    if in_spec is None or out_spec is None:
+        raise TypeError(
+            "in_tensorized_features and out_tensorized_features are required (a tuple of "
+            "modes or an int feature count)"
+        )
     if isinstance(in_spec, int) and isinstance(out_spec, int):
         return tensorize_shape(in_spec, out_spec, order)
-    in_modes = out_modes = None
-    if in_spec is not None and not isinstance(in_spec, int):
-        in_modes = validate_modes(in_spec, None, "in_tensorized_features")
-    if out_spec is not None and not isinstance(out_spec, int):
+    if isinstance(in_spec, int):
+        # The modes given on one side set how many the int on the other is split into.
         out_modes = validate_modes(out_spec, None, "out_tensorized_features")
-    if in_modes is None:
-        in_modes = factorize(in_spec, len(out_modes))
-        validate_modes(in_modes, None, "in_tensorized_features")
-    if out_modes is None:
-        out_modes = factorize(out_spec, len(in_modes))
-    return in_modes, out_modes
+        return factorize(in_spec, len(out_modes)), out_modes
+    in_modes = validate_modes(in_spec, None, "in_tensorized_features")
+    if isinstance(out_spec, int):
+        return in_modes, factorize(out_spec, len(in_modes))
+    return in_modes, validate_modes(out_spec, None, "out_tensorized_features")

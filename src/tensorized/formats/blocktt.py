@@ -16,8 +16,14 @@ from .. import decompose
 from ..shapes import Modes
 from ._strategy import Strategy, WeightShape, Work, reconstructed
 from .base import FactorizedMatrix, add_bias
-from .tt import TrainFormat, _train_from_cores, layer_merge_work, layer_shapes, product
-from .tt import train_reconstruction
+from .tt import (
+    TrainFormat,
+    _train_from_cores,
+    layer_merge_work,
+    layer_shapes,
+    product,
+    train_reconstruction,
+)
 
 
 def _prepare_factorized(w: BlockTTFormat, layer: int | None) -> tuple[Tensor, ...]:

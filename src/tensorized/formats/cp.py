@@ -229,5 +229,6 @@ class CPFormat(FactorizedMatrix):
             in_modes, out_modes, int(weights.shape[0]), n_layers,
             device=weights.device, dtype=weights.dtype,
         )
-        module.load_values({"weights": weights, **{f"factors.{k}": f for k, f in enumerate(factors)}})
+        values = {"weights": weights, **{f"factors.{k}": f for k, f in enumerate(factors)}}
+        module.load_values(values)
         return module

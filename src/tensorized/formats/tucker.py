@@ -234,7 +234,8 @@ class TuckerFormat(FactorizedMatrix):
             vals, vecs = torch.linalg.eigh(M @ M.T)  # left singular vectors of the unfolding
             bases.append(vecs.flip(-1))
             tails.append(_curves.tails(vals.flip(-1).clamp_min(0)))
-        members = _curves.sample(_curves.chain(tails, caps, count), count, 4 * _curves.CHAIN_SAMPLES)
+        chain = _curves.chain(tails, caps, count)
+        members = _curves.sample(chain, count, 4 * _curves.CHAIN_SAMPLES)
         family = _curves.family(cls, in_modes, out_modes, n_layers, fractions)
 
         def error(rank: Any) -> float:
