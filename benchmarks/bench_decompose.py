@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from tensorized._ops import frobenius_error
+from tensorized._shapes import tensorize_shape
 from tensorized.formats import FORMATS
-from tensorized.shapes import tensorize_shape
 
 FORMAT_NAMES = ["lowrank", "tucker", "tt", "blocktt", "cp"]
 NOTES = """

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 import tensorized as tz
-from tensorized.plan import any_batch_strategy
-from tensorized.ranks import RankBudgetWarning
+from tensorized._plan import any_batch_strategy
+from tensorized._ranks import RankBudgetWarning
 
 try:
     import tltorch

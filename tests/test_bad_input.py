@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import tensorized as tz
+from oracles import dense_forward
 from tensorized import FactorizedLinear as FL
 from tensorized import TensorizeConfig, tensorize_
 from tensorized.cli import main
-from tensorized.formats import CPMatrix
+from tensorized.formats import CPFormat
 
 F64 = torch.float64
 
@@ -177,9 +178,9 @@ FORWARD_CASES = [
      r"layer=3 is out of range for a weight with n_layers=3"),
     ("contract-joint-no-layer", lambda: joint3().weight.contract(x16(2)), ValueError,
      r"n_layers=3 layers; pass layer=i"),
-    ("contract-unknown-strategy", lambda: CPMatrix((4,), (4,), 2).contract(torch.randn(2, 4),
+    ("contract-unknown-strategy", lambda: CPFormat((4,), (4,), 2).contract(torch.randn(2, 4),
      strategy="fast"), ValueError, r"strategy must be one of .*got 'fast'"),
-    ("reset-std-nan", lambda: CPMatrix((4,), (4,), 2).reset_parameters(float("nan")), ValueError,
+    ("reset-std-nan", lambda: CPFormat((4,), (4,), 2).reset_parameters(float("nan")), ValueError,
      r"std must be a finite number >= 0, got nan"),
 ]  # fmt: skip
 
@@ -194,17 +195,17 @@ FORMAT_CASES = [
      r"unknown factorization 'foo'; accepted \(case-insensitive\): 'cp'"),
     ("get-format-int", lambda: tz.get_format(3), TypeError,
      r"factorization must be a string, got int 3"),
-    ("matrix-modes-str", lambda: CPMatrix("44", (4, 4), 2), TypeError,
+    ("matrix-modes-str", lambda: CPFormat("44", (4, 4), 2), TypeError,
      r"in_modes must be a non-empty tuple of positive ints, got '44'"),
-    ("matrix-n-layers-zero", lambda: CPMatrix((4, 4), (4, 4), 2, 0), ValueError,
+    ("matrix-n-layers-zero", lambda: CPFormat((4, 4), (4, 4), 2, 0), ValueError,
      r"n_layers must be an int >= 1, got 0"),
-    ("from-matrix-list", lambda: CPMatrix.from_matrix([[1.0]], (1,), (1,), 1), TypeError,
+    ("from-matrix-list", lambda: CPFormat.from_matrix([[1.0]], (1,), (1,), 1), TypeError,
      r"matrix must be a torch\.Tensor, got list"),
-    ("from-matrix-1d", lambda: CPMatrix.from_matrix(torch.randn(16), (4, 4), (4, 4), 2),
+    ("from-matrix-1d", lambda: CPFormat.from_matrix(torch.randn(16), (4, 4), (4, 4), 2),
      ValueError, r"matrix must have shape \(out, in\) or \(n_layers, out, in\), got \(16,\)"),
-    ("from-matrix-4d", lambda: CPMatrix.from_matrix(torch.randn(1, 1, 4, 4), (4,), (4,), 2),
+    ("from-matrix-4d", lambda: CPFormat.from_matrix(torch.randn(1, 1, 4, 4), (4,), (4,), 2),
      ValueError, r"got \(1, 1, 4, 4\)"),
-    ("from-matrix-int", lambda: CPMatrix.from_matrix(torch.ones(4, 4, dtype=torch.long), (4,),
+    ("from-matrix-int", lambda: CPFormat.from_matrix(torch.ones(4, 4, dtype=torch.long), (4,),
      (4,), 2), TypeError, r"matrix must have a floating dtype, got torch\.int64"),
     ("from-matrix-complex", lambda: tz.get_format("tt").from_matrix(
      torch.ones(4, 4, dtype=torch.complex64), (4,), (4,), 2), TypeError, r"torch\.complex64"),
@@ -318,7 +319,7 @@ def test_numpy_int_rank_is_an_int_rank():
 
 def test_tensor_index_of_one_element_matches_the_int_index():
     layer, x = joint3().double(), x16(4, dtype=F64)
-    oracle = F.linear(x, layer.weight.to_matrix(2), layer.bias[2])
+    oracle = dense_forward(layer, x, 2)
     torch.testing.assert_close(layer(x, torch.tensor(2)), oracle)
     torch.testing.assert_close(layer(x, 2), oracle)
 
@@ -331,7 +332,7 @@ def test_empty_batch_gives_an_empty_output(factorization):
         x = torch.randn(*shape, dtype=F64)
         y = layer(x, 1)
         assert y.shape == (*shape[:-1], 16)
-        torch.testing.assert_close(y, F.linear(x, layer.weight.to_matrix(1), layer.bias[1]))
+        torch.testing.assert_close(y, dense_forward(layer, x, 1))
 
 
 # ---------------------------------------------------------------------- TensorizeConfig

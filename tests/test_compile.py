@@ -97,7 +97,7 @@ def test_inductor_dynamic_batch_with_marked_dim(fmt):
 
 
 def test_planner_carries_the_marker_of_the_public_decorator():
-    from tensorized.plan import planned_strategy
+    from tensorized._plan import planned_strategy
 
     def probe():
         return 0

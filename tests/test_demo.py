@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tensorized import demo
+from tensorized import _demo as demo
 
 pytest.importorskip("sklearn")
 

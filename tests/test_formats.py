@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from oracles import dense_weight
+from tensorized._ranks import rank_caps
 from tensorized.formats import FORMATS, canonical_name, get_format
-from tensorized.ranks import rank_caps
 
 F64 = torch.float64
 SHAPES = [((4, 6), (3, 5)), ((2, 3, 4), (4, 2, 2)), ((8, 8), (16, 4))]

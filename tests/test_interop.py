@@ -7,6 +7,7 @@ import torch
 from tensorly.decomposition import parafac, tensor_train, tensor_train_matrix, tucker
 
 import tensorized as tz
+from oracles import dense_weight
 
 pytestmark = pytest.mark.filterwarnings("ignore::tensorized.RankBudgetWarning")
 F64 = torch.float64
@@ -17,10 +18,9 @@ CASES.append(("lowrank", 1))
 
 
 def _weights(layer) -> np.ndarray:
-    """The float64 oracle: every layer's reconstructed matrix, (L, out, in)."""
-    L = layer.n_layers
-    mats = [layer.weight.to_matrix(i if L > 1 else None) for i in range(L)]
-    return torch.stack(mats).detach().double().numpy()
+    """The float64 oracle: every layer's matrix from the factor definitions, (L, out, in)."""
+    W = dense_weight(layer.weight).detach()
+    return W.reshape(layer.n_layers, *W.shape[-2:]).numpy()
 
 
 def _full(obj) -> np.ndarray:
@@ -80,8 +80,8 @@ def test_pytorch_backend_keeps_torch_tensors_and_the_backend():
         full = tl.tt_to_tensor(obj)
         back = tz.FactorizedLinear.from_tensorly(obj, IN, OUT)
     assert tl.get_backend() == "numpy"
-    torch.testing.assert_close(full.reshape(6, 6), layer.weight.to_matrix().detach())
-    torch.testing.assert_close(back.weight.to_matrix(), layer.weight.to_matrix())
+    torch.testing.assert_close(full.reshape(6, 6), dense_weight(layer.weight).detach())
+    torch.testing.assert_close(dense_weight(back.weight), dense_weight(layer.weight))
     with torch.no_grad():  # a copy: changing it does not touch the layer
         obj.factors[0].zero_()
     assert layer.weight.cores[0].abs().sum() > 0

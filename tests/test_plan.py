@@ -8,8 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tensorized as tz
 from oracles import dense_weight
-from tensorized.formats import FORMATS, WeightShape
-from tensorized.plan import (
+from tensorized._plan import (
     ANY_BATCH,
     any_batch_strategy,
     gemms,
@@ -18,6 +17,7 @@ from tensorized.plan import (
     strategy_cost,
     work,
 )
+from tensorized.formats import FORMATS, WeightShape
 
 F64 = torch.float64
 RANKS = {
@@ -117,7 +117,7 @@ def test_only_kept_operands_are_free_in_inference():
 
 
 def test_plans_are_shared_by_identical_layers_and_bounded(monkeypatch):
-    import tensorized.plan as plan_module
+    import tensorized._plan as plan_module
 
     calls = []
     real = plan_module.make_plan

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tensorized as tz
+from tensorized._ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
 from tensorized.formats import FORMATS
-from tensorized.ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
 
 TENSOR_FORMATS = ["cp", "tucker", "tt", "blocktt", "lowrank"]
 mode = st.integers(2, 9)

@@ -25,10 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import tensorized as tz
+from tensorized._plan import gemms, make_plan, work
 from tensorized.formats import FORMATS, FactorizedMatrix, Strategy, WeightShape, Work
 from tensorized.formats._strategy import reconstructed
 from tensorized.formats.base import add_bias, balanced_std
-from tensorized.plan import gemms, make_plan, work
 
 F64 = torch.float64
 NAME = "kron_sum"

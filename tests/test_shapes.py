@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorized.shapes import factorize, tensorize_shape, validate_modes
+from tensorized._shapes import factorize, tensorize_shape, validate_modes
 
 
 @given(st.integers(1, 100_000), st.integers(1, 5))

@@ -1,25 +1,45 @@
-"""tensorized: tensor-factorized linear layers for PyTorch."""
+"""tensorized: tensor-factorized linear layers for PyTorch.
 
-from .formats import FactorizedMatrix, get_format
-from .linear import FactorizedLinear, LinearView
-from .plan import Plan
-from .ranks import RankBudgetWarning, param_count, resolve_rank
-from .serialize import load_config, load_model, save_model
-from .shapes import tensorize_shape
-from .transform import TensorizeConfig, TensorizeReport, tensorize_
+Public modules: ``tensorized`` (this namespace), :mod:`tensorized.formats` (the formats,
+their strategies and :func:`~tensorized.formats.register_format`) and
+:mod:`tensorized.decompose` (the decompositions); every other module is private.
+"""
+
+from ._allocate import allocate_ranks
+from ._calibrate import CalibrationResult, calibrate, record_inputs
+from ._config import TensorizeConfig
+from ._linear import FactorizedLinear
+from ._plan import Plan, StrategyCost, make_plan, plan_cache_info
+from ._ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
+from ._report import LayerReport, TensorizeReport
+from ._serialize import load_config, load_model, save_model
+from ._shapes import tensorize_shape
+from ._tensorize import tensorize_
+from ._view import LinearView
+from .formats import FactorizedMatrix, get_format, register_format
 
 __all__ = [
+    "CalibrationResult",
     "FactorizedLinear",
     "FactorizedMatrix",
+    "LayerReport",
     "LinearView",
     "Plan",
     "RankBudgetWarning",
+    "StrategyCost",
     "TensorizeConfig",
     "TensorizeReport",
+    "allocate_ranks",
+    "calibrate",
     "get_format",
     "load_config",
     "load_model",
+    "make_plan",
     "param_count",
+    "plan_cache_info",
+    "rank_caps",
+    "record_inputs",
+    "register_format",
     "resolve_rank",
     "save_model",
     "tensorize_",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import SupportsIndex, cast
 
 from torch import Tensor
 
@@ -34,7 +35,7 @@ def normalize_index(indices: object, n_layers: int, name: str = "indices") -> in
         raise TypeError(f"{name} must be an int layer index, got {type(value).__name__} {value!r}")
     else:
         try:
-            value = operator.index(value)  # int, numpy integers
+            value = operator.index(cast(SupportsIndex, value))  # int, numpy integers
         except TypeError:
             raise TypeError(
                 f"{name} must be an int layer index, got {type(indices).__name__} {indices!r}"

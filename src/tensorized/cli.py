@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 from torch import nn
 
+from ._linear import FactorizedLinear, LinearView
 from ._loading import CLIError, _one_line, load_calibration, load_model
 from ._ops import frobenius_error
+from ._serialize import save_model
+from ._shapes import tensorize_shape
 from .formats import FORMATS
-from .linear import FactorizedLinear, LinearView
-from .serialize import save_model
-from .shapes import tensorize_shape
 
 if TYPE_CHECKING:  # imported where used: the CLI starts without loading it
-    from .transform import TensorizeConfig
+    from ._tensorize import TensorizeConfig
 
 __all__ = ["CLIError", "format_table", "inspect_model", "main", "parse_rank", "selfcheck"]
 
@@ -132,7 +132,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config(args: argparse.Namespace) -> TensorizeConfig:
-    from .transform import TensorizeConfig
+    from ._tensorize import TensorizeConfig
 
     values: dict[str, Any] = {}
     if args.config is not None:
@@ -159,7 +159,7 @@ def _config(args: argparse.Namespace) -> TensorizeConfig:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .transform import tensorize_
+    from ._tensorize import tensorize_
 
     for name in ("batch_size", "max_length"):
         if getattr(args, name) < 1:
@@ -311,7 +311,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_rows, run_demo
+    from ._demo import format_rows, run_demo
 
     def split(text: str | None, kind: type) -> tuple | None:
         if text is None:

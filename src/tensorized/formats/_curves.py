@@ -18,14 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._shapes import Modes
+
 __all__ = ["CHAIN_SAMPLES", "chain", "family", "gram", "sample", "tails"]
 
 CHAIN_SAMPLES = 24  # chain members whose error is computed by an actual decomposition
 
 
-def family(fmt: Any, in_modes, out_modes, n_layers: int, fractions: Sequence[float]) -> list:
+def family(
+    fmt: Any, in_modes: Modes, out_modes: Modes, n_layers: int, fractions: Sequence[float]
+) -> list:
     """``resolve_rank(fraction)`` of ``fmt`` at each candidate fraction it can reach."""
-    from ..ranks import RankBudgetWarning, resolve_rank
+    from .._ranks import RankBudgetWarning, resolve_rank
 
     ranks = []
     with warnings.catch_warnings():

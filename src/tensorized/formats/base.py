@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._index import normalize_index
-from ..shapes import Modes, validate_modes
+from .._shapes import Modes, validate_modes
 from ._strategy import Gemm, Strategy, WeightShape
 
 #: Parameter counts above this (2**50, about 4 PiB in float32) are refused before allocating.
@@ -39,7 +39,7 @@ class FactorizedMatrix(nn.Module):
         in_modes: modes of the input features, e.g. ``(8, 8, 16)`` for 1024.
         out_modes: modes of the output features.
         rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
-            of concrete ranks (see :mod:`tensorized.ranks`).
+            of concrete ranks (see :mod:`tensorized._ranks`).
         n_layers: size of the leading layer mode (1: a single matrix, no layer mode).
         device: device of the parameters (``'meta'`` works: nothing is measured there).
         dtype: dtype of the parameters.
@@ -103,8 +103,16 @@ class FactorizedMatrix(nn.Module):
         module._setup(in_modes, out_modes, rank, n_layers, device, dtype)
         return module
 
-    def _setup(self, in_modes, out_modes, rank, n_layers, device, dtype) -> None:
-        from ..ranks import resolve_rank
+    def _setup(
+        self,
+        in_modes: Modes,
+        out_modes: Modes,
+        rank: Any,
+        n_layers: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        from .._ranks import resolve_rank
 
         self.in_modes = validate_modes(in_modes, None, "in_modes")
         self.out_modes = validate_modes(out_modes, None, "out_modes")
@@ -303,17 +311,18 @@ class FactorizedMatrix(nn.Module):
         if any(p.is_meta for p in self.parameters()):
             return
         layers = [None] if self.n_layers == 1 else list(range(self.n_layers))
-        stds = [self._empirical_std(layer) for layer in layers]
-        if any(s is None or s == 0 for s in stds):
+        measured = [self._empirical_std(layer) for layer in layers]
+        stds = [s for s in measured if s is not None and s != 0]
+        if len(stds) < len(measured):
             return  # too costly to measure exactly: the balanced draw is right in expectation
-        overall = math.sqrt(sum(s * s for s in stds if s is not None) / len(stds))
+        overall = math.sqrt(sum(s * s for s in stds) / len(stds))
         ratio = (std / overall) ** (1.0 / len(scaled))
         for p in scaled:
             p.mul_(ratio)
         if self.n_layers > 1:
             # The common rescale fixes the overall std; each layer is then corrected alone
             # through the slice of the parameters that only it uses.
-            for layer, s in zip(layers, stds):
+            for layer, s in enumerate(stds):
                 self._layer_slice(layer).mul_(overall / s)
 
     @torch.no_grad()
@@ -427,7 +436,7 @@ class FactorizedMatrix(nn.Module):
         """
         import warnings
 
-        from ..ranks import RankBudgetWarning, resolve_rank
+        from .._ranks import RankBudgetWarning, resolve_rank
 
         norm_sq = float(weight.double().pow(2).sum())
         options: dict[Any, Option] = {}

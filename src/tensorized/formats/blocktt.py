@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
-from ..shapes import Modes
+from .._shapes import Modes
 from ._strategy import Strategy, WeightShape, Work, reconstructed
 from .base import FactorizedMatrix, add_bias
 from .tt import (
@@ -106,7 +106,7 @@ class BlockTTFormat(TrainFormat):
     def _build(self, factory: dict) -> None:
         lead = 1 if self.n_layers > 1 else 0
         ranks = (1, *self.rank, 1)
-        shapes = [(1, self.n_layers, ranks[1])] if lead else []
+        shapes: list[tuple[int, ...]] = [(1, self.n_layers, ranks[1])] if lead else []
         for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes)):
             shapes.append((ranks[k + lead], o, i, ranks[k + lead + 1]))
         self.cores = nn.ParameterList([nn.Parameter(torch.empty(s, **factory)) for s in shapes])

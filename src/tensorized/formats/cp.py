@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from .. import decompose
 from .._ops import khatri_rao
-from ..shapes import Modes
+from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
 from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count
@@ -94,6 +94,7 @@ class CPFormat(FactorizedMatrix):
     rank_kind = "int"
     tensorly_type = "CPTensor"
     curve_fraction_limit = 2.0  # ALS costs grow as R^3
+    rank: int
     strategies = (
         Strategy(
             "factorized",

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..shapes import Modes
+from .._shapes import Modes
 from ._strategy import Strategy, WeightShape, Work
 from .base import FactorizedMatrix, Option, layer_count
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
-from ..shapes import Modes
+from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
 from .base import FactorizedMatrix, Option, balanced_std
@@ -40,6 +40,7 @@ class LowRankFormat(FactorizedMatrix):
     rank_kind = "int"
     closed_form_exact = True
     tensorly_type = "CPTensor"
+    rank: int
     strategies = (
         Strategy(
             "factorized",

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
-from ..shapes import Modes
+from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
 from .base import FactorizedMatrix, Option, add_bias, balanced_std, chain_work, layer_count
@@ -54,6 +54,8 @@ class TrainFormat(FactorizedMatrix):
     layer core ``(1, L, r)`` when ``n_layers > 1``; ranks are the inner bond ranks."""
 
     rank_kind = "tuple"
+    rank: tuple[int, ...]
+    cores: nn.ParameterList
 
     @classmethod
     def train_modes(cls, in_modes: Modes, out_modes: Modes, n_layers: int) -> Modes:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import decompose
 from .._ops import mode_dot, unfold
-from ..shapes import Modes
+from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
 from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count
@@ -120,6 +120,7 @@ class TuckerFormat(FactorizedMatrix):
 
     name = "tucker"
     tensorly_type = "TuckerTensor"
+    rank: tuple[int, ...]
     strategies = (
         Strategy(
             "factorized",
@@ -201,6 +202,7 @@ class TuckerFormat(FactorizedMatrix):
         result = decompose.tucker(tensor, lead + list(self.rank), **kwargs)
         values = {"core": result.core}
         for k, f in enumerate(result.factors[len(lead) :]):
+            assert f is not None  # every mode after the layer mode has a rank: a factor
             values[f"factors.{k}"] = f
         return values
 

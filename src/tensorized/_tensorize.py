@@ -1,8 +1,8 @@
 """Model-wide compression: swap a model's ``nn.Linear`` layers for factorized ones, in place.
 
 :func:`tensorize_` follows ``torchao.quantize_`` (a frozen config, an optional ``filter_fn``,
-in place) and PEFT's module matching; the configuration lives in :mod:`tensorized.config`,
-the report in :mod:`tensorized.report`.
+in place) and PEFT's module matching; the configuration lives in :mod:`tensorized._config`,
+the report in :mod:`tensorized._report`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._config import TensorizeConfig
+from ._linear import FactorizedLinear
 from ._ops import frobenius_error
-from .config import TensorizeConfig
-from .linear import FactorizedLinear
-from .report import LayerReport, TensorizeReport
-from .shapes import Modes, tensorize_shape
+from ._report import LayerReport, TensorizeReport
+from ._shapes import Modes, tensorize_shape
 
 __all__ = ["LayerReport", "TensorizeConfig", "TensorizeReport", "tensorize_"]
 
@@ -132,9 +132,9 @@ def tensorize_(
             matching; false leaves the layer alone.
         calibration_data: optional iterable of model inputs (a tensor ``x`` -> ``model(x)``,
             a tuple -> ``model(*x)``, a dict -> ``model(**x)``). The targets' inputs are
-            recorded on the original model first (:func:`tensorized.calibrate.record_inputs`),
+            recorded on the original model first (:func:`tensorized._calibrate.record_inputs`),
             then each new layer or group is fitted to its original's outputs on them
-            (:func:`tensorized.calibrate.calibrate`, ``config.calibration_steps`` steps).
+            (:func:`tensorized._calibrate.calibrate`, ``config.calibration_steps`` steps).
 
     Returns:
         A :class:`TensorizeReport`, one row per layer or joint group (weight errors are those
@@ -174,7 +174,7 @@ def tensorize_(
         show = bool(getattr(sys.stderr, "isatty", lambda: False)())
     inputs = None
     if calibration_data is not None:  # recorded before anything is built
-        from .calibrate import record_inputs
+        from ._calibrate import record_inputs
 
         modules = {n: m for u in units for n, m in u.members}
         rows = config.calibration_rows
@@ -204,7 +204,7 @@ def _ranks(units: list[_Unit], config: TensorizeConfig) -> list[Any]:
     """The rank of each unit: the config's, or a budgeted allocation over all units."""
     if config.rank_allocation == "uniform":
         return [config.rank] * len(units)
-    from .allocate import allocate_ranks
+    from ._allocate import allocate_ranks
 
     weights = [u.weight() for u in units]
     budget = round(config.rank * sum(w.numel() for w in weights))
@@ -238,7 +238,7 @@ def _build(
         if any(x is None or x.shape[0] < 2 for x in xs):  # never called on calibration_data
             warnings.warn("under 2 calibration input rows recorded: not calibrated", stacklevel=2)
         else:
-            from .calibrate import calibrate
+            from ._calibrate import calibrate
 
             biases = [None if m.bias is None else m.bias.detach() for m in linears]
             weights = [m.weight.detach() for m in linears]

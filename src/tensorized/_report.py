@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import _convert
-from .ranks import ConcreteRank
-from .shapes import Modes
+from ._config import _convert
+from ._ranks import ConcreteRank
+from ._shapes import Modes
 
 __all__ = ["LayerReport", "TensorizeReport"]
 

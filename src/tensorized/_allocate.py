@@ -31,10 +31,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ._ranks import ConcreteRank, RankBudgetWarning, smallest_rank
+from ._shapes import Modes, validate_modes
 from .formats import FactorizedMatrix, get_format
 from .formats.base import Option
-from .ranks import ConcreteRank, RankBudgetWarning, smallest_rank
-from .shapes import Modes, validate_modes
 
 __all__ = ["DEFAULT_CANDIDATES", "allocate_ranks"]
 

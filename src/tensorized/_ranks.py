@@ -33,8 +33,8 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Union
 
+from ._shapes import Modes
 from .formats._registry import get_format
-from .shapes import Modes
 
 if TYPE_CHECKING:
     from .formats.base import FactorizedMatrix

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .transform import TensorizeConfig, tensorize_
+from ._tensorize import TensorizeConfig, tensorize_
 
 __all__ = [
     "BUDGETS",

@@ -2,50 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import convert, interop
+from . import _convert as convert
+from . import _interop as interop
 from ._index import normalize_index
-from .formats import FactorizedMatrix, Strategy, get_format
-from .plan import (
+from ._merge import Merging
+from ._plan import (
     Plan,
     _plans,
-    any_batch_strategy,
     cached_strategy,
     make_plan,
     planned_strategy,
     signature_id,
 )
-from .ranks import ConcreteRank, RankSpec
-from .shapes import Modes, resolve_modes
+from ._ranks import ConcreteRank, RankSpec
+from ._shapes import Modes, resolve_modes
+from ._view import LinearView
+from .formats import FactorizedMatrix, Strategy, get_format
 
 __all__ = ["FactorizedLinear", "LinearView"]
 
 TensorizedFeatures = int | Sequence[int]
 
 
-class _Merged(NamedTuple):
-    """Operands kept by :meth:`FactorizedLinear.merge`: one tuple per layer index."""
-
-    strategy: Strategy
-    operands: dict[int | None, tuple[Tensor, ...]]
-
-
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-class FactorizedLinear(nn.Module):
+class FactorizedLinear(Merging):
     """A linear layer ``y = x W^T + b`` whose weight is stored as a factorized tensor.
 
     The weight ``(out_features, in_features)`` is viewed as the tensor
@@ -66,7 +54,7 @@ class FactorizedLinear(nn.Module):
             ``'tt-matrix'``), ``'lowrank'``, ``'dense'`` or a registered format;
             case-insensitive.
         rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
-            of concrete ranks (see :mod:`tensorized.ranks`).
+            of concrete ranks (see :mod:`tensorized._ranks`).
         n_layers: number of layers sharing the factorized tensor.
         implementation: ``'auto'`` (the planner picks, per batch size, dtype, device and
             mode, the strategy with the least estimated time; see :meth:`plan`), or the name
@@ -88,6 +76,7 @@ class FactorizedLinear(nn.Module):
 
     weight: FactorizedMatrix
     bias: nn.Parameter | None
+    _bound: tuple[FactorizedMatrix, tuple[nn.Parameter, ...]]
 
     def __init__(
         self,
@@ -194,7 +183,7 @@ class FactorizedLinear(nn.Module):
             self.bias = bias
         self.implementation = implementation
         self.checkpointing = bool(checkpointing)
-        self._merged: _Merged | None = None
+        self._merged = None
         self._signature_id = signature_id(weight.signature_key)
         self._bind_parameters()
         self.register_load_state_dict_post_hook(_after_load)
@@ -203,7 +192,7 @@ class FactorizedLinear(nn.Module):
         # A plain tuple (not registered): forward reads the weight module, dtypes and
         # requires_grad flags from it without module attribute lookups. Rebound whenever they
         # may be replaced (to(), to_empty(), load_state_dict(assign=True), layer.weight = ...).
-        weight = self._modules["weight"]
+        weight = cast(FactorizedMatrix, self._modules["weight"])
         self._bound = (weight, tuple(weight.parameters()))
         self._weight_params = self._bound[1]
 
@@ -306,105 +295,6 @@ class FactorizedLinear(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    # ------------------------------------------------------------------ explicit caching
-
-    @torch.no_grad()
-    def merge(self, implementation: str | None = None) -> FactorizedLinear:
-        """Keep the weight-only operands of one strategy (e.g. the rebuilt dense matrix) so
-        that inference without autograd only pays the input side. Reversible
-        (:meth:`unmerge`); returns ``self``.
-
-        The kept operands are a snapshot of the parameters: ``train()``, ``load_state_dict``
-        and ``reset_parameters`` drop them, ``to()`` rebuilds them, and a forward that
-        records gradients computes from the parameters and drops them. After writing to
-        parameters by other means (``p.data``, an optimizer step outside a forward), call
-        ``merge()`` again. Never saved: state dicts, pickles and files hold parameters only.
-
-        Args:
-            implementation: the strategy to keep; ``None``: the fixed ``implementation``, or
-                for ``'auto'`` the strategy with the least worst-case estimated slowdown over
-                batch sizes 1 to 4096 when its operands are kept.
-
-        Example:
-            >>> layer = FactorizedLinear((8, 8), (8, 8), factorization="blocktt", rank=0.2)
-            >>> _ = layer.eval().merge("reconstructed")
-            >>> layer.merged_numel  # the dense 64 x 64 matrix
-            4096
-        """
-        name = implementation or self.implementation
-        if name == "auto":
-            param = self._weight_params[0]
-            name = any_batch_strategy(
-                self.weight, training=False, dtype=param.dtype,
-                device_type=param.device.type, cached=True,
-            )
-        strategy = self.weight.strategy(name)
-        layers: list[int | None] = [None] if self.n_layers == 1 else list(range(self.n_layers))
-        with _no_autocast(self._weight_params[0].device.type):
-            operands = {
-                i: tuple(t.detach() for t in strategy.prepare(self.weight, i)) for i in layers
-            }
-        self._merged = _Merged(strategy, operands)
-        return self
-
-    def unmerge(self) -> FactorizedLinear:
-        """Drop the operands kept by :meth:`merge` (the layer then holds its parameters
-        only); returns ``self``."""
-        self._merged = None
-        return self
-
-    @property
-    def merged(self) -> bool:
-        """Whether :meth:`merge` operands are kept."""
-        return self._merged is not None
-
-    @property
-    def merged_numel(self) -> int:
-        """Elements held by :meth:`merge` beyond the parameters (0 when not merged)."""
-        if self._merged is None:
-            return 0
-        own = {p.untyped_storage().data_ptr() for p in self.parameters()}
-        seen, total = set(), 0
-        for ops in self._merged.operands.values():
-            for t in ops:
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in own and ptr not in seen:
-                    seen.add(ptr)
-                    total += t.untyped_storage().nbytes() // t.element_size()
-        return total
-
-    def train(self, mode: bool = True) -> FactorizedLinear:
-        """As ``nn.Module.train``; switching to training drops :meth:`merge` operands."""
-        if mode:
-            self.unmerge()
-        return super().train(mode)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> FactorizedLinear:
-        # to(), cuda(), half(), to_empty(): move the parameters, then rebuild kept operands
-        # from them (they are derived tensors, not state).
-        merged = self._merged
-        self._merged = None
-        super()._apply(fn, recurse)
-        self._bind_parameters()
-        if merged is not None and not any(p.is_meta for p in self._weight_params):
-            self.merge(merged.strategy.name)
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Pickles (torch.save of a module, deepcopy) hold parameters and buffers only; a
-        # merged layer is merged again when unpickled.
-        state = self.__dict__.copy()
-        merged = state.pop("_merged", None)
-        state["_merge_on_load"] = None if merged is None else merged.strategy.name
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        name = state.pop("_merge_on_load", None)
-        self.__dict__.update(state)
-        self._merged = None
-        if name is not None:
-            self.merge(name)
-
     # ------------------------------------------------------------------ planning
 
     def plan(
@@ -427,7 +317,7 @@ class FactorizedLinear(nn.Module):
             device: defaults to the parameters'.
 
         Returns:
-            A :class:`tensorized.plan.Plan`: ``plan.chosen`` is the strategy ``'auto'`` uses
+            A :class:`tensorized._plan.Plan`: ``plan.chosen`` is the strategy ``'auto'`` uses
             (or the fixed ``implementation``, or the merged one), ``plan.costs`` has FLOPs,
             bytes, kernel calls and the estimated time of each; ``print(plan)`` shows them
             as a table. Inference costs count the weight-only work on every call unless the
@@ -516,12 +406,13 @@ class FactorizedLinear(nn.Module):
 
     def _forward(self, x: Tensor, layer: int | None) -> Tensor:
         weight, params = self._bound
-        bias = self._parameters["bias"]
+        bias: Tensor | None = self._parameters["bias"]
         if bias is not None and layer is not None:
             bias = bias[layer]
         x2d = x if x.ndim == 2 else x.reshape(-1, weight.in_features)
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         merged = self._merged
+        strategy: Strategy | None
         if torch.compiler.is_compiling() or torch._C._is_tracing():
             # A graph is being captured (torch.compile / torch.export, or the TorchScript
             # tracer of the legacy ONNX exporter). Planned while tracing (not traced): the
@@ -590,7 +481,7 @@ class FactorizedLinear(nn.Module):
         """The weight as a TensorLy ``CPTensor`` / ``TuckerTensor`` / ``TTTensor`` /
         ``TTMatrix`` (a dense tensor for 'dense') of shape ``([n_layers,] *out, *in)``, in
         TensorLy's current backend; a detached copy. Needs ``tensorly`` (imported here only);
-        see :mod:`tensorized.interop` for the layout of the layer mode."""
+        see :mod:`tensorized._interop` for the layout of the layer mode."""
         return interop.to_tensorly(self.weight)
 
     @classmethod
@@ -734,39 +625,3 @@ def _after_load(module: nn.Module, incompatible: Any) -> None:
     if isinstance(module, FactorizedLinear):
         module._bind_parameters()
         module.unmerge()
-
-
-class LinearView(nn.Module):
-    """Layer ``indices`` of a :class:`FactorizedLinear` with ``n_layers > 1``, sharing its
-    parameters: training the view trains the shared tensor.
-
-    Shapes:
-        ``x``: ``(..., in_features)`` -> ``(..., out_features)``.
-    """
-
-    def __init__(self, parent: FactorizedLinear, indices: int) -> None:
-        super().__init__()
-        self.parent = parent
-        self.indices = normalize_index(indices, parent.n_layers)
-
-    @property
-    def in_features(self) -> int:
-        return self.parent.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.parent.out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.parent(x, self.indices)
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` copy of this layer."""
-        return self.parent.to_linear(self.indices)
-
-    def __repr__(self) -> str:
-        p = self.parent
-        return (
-            f"LinearView(indices={self.indices} of {p.n_layers}, in_features={p.in_features}, "
-            f"out_features={p.out_features}, factorization={p.factorization!r})"
-        )

@@ -20,9 +20,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._linear import FactorizedLinear, LinearView
+from ._tensorize import TensorizeConfig
 from .formats import get_format
-from .linear import FactorizedLinear, LinearView
-from .transform import TensorizeConfig
 
 __all__ = ["load_config", "load_model", "save_model"]
 

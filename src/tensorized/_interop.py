@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._shapes import validate_modes
 from .formats import FORMATS, FactorizedMatrix
-from .shapes import validate_modes
 
 __all__ = ["from_tensorly", "to_tensorly"]
 

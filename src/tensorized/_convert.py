@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ._ops import frobenius_error
+from ._shapes import resolve_modes, validate_modes
 from .formats import FactorizedMatrix, get_format
-from .shapes import resolve_modes, validate_modes
 
 
 def check_linear_list(linear_list: Any) -> list[nn.Linear]:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._linear import FactorizedLinear
 from ._ops import frobenius_error
-from .linear import FactorizedLinear
 
 __all__ = ["CalibrationResult", "calibrate", "holdout_split", "record_inputs"]
 
