@@ -84,10 +84,11 @@ def test_baseline_accuracy_recomputed(quick):
 
 def test_latency_is_measured(quick):
     rows, _, _ = quick
-    assert rows[0]["latency_ratio"] == 1.0
+    # Speed targets live in benchmarks/; here: measured, finite, for both ways of serving.
+    assert rows[0]["latency_ratio"] == rows[0]["merged_latency_ratio"] == 1.0
     for r in rows:
         assert 0 < r["latency_ms"] < 1e3
-        assert 0 < r["latency_ratio"] < 100
+        assert 0 < r["latency_ratio"] < math.inf and 0 < r["merged_latency_ratio"] < math.inf
         assert r["seconds"] >= 0
 
 

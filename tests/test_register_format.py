@@ -265,7 +265,7 @@ def test_rank_policy_and_modes():
     assert tz.resolve_rank(NAME, IN, OUT, 0.35) == 3  # 0.35 * 360 = 126 = 3 * (12 + 30)
     assert tz.param_count(NAME, IN, OUT, 3) == 3 * (12 + 30)
     assert tz.param_count(NAME, IN, OUT, 3, 4) == 3 * (4 * 12 + 30)
-    assert tz.ranks.rank_caps(NAME, IN, OUT, 4) == (min(48, 30),)
+    assert tz.rank_caps(NAME, IN, OUT, 4) == (min(48, 30),)
     with pytest.raises(ValueError, match="out of range"):
         tz.resolve_rank(NAME, IN, OUT, (13,))
     layer = tz.FactorizedLinear(IN, OUT, factorization=NAME, rank=R, n_layers=2)

@@ -165,7 +165,7 @@ def _check_entries(
     return entries
 
 
-def _check_candidates(candidates) -> tuple[float, ...]:
+def _check_candidates(candidates: Sequence[float] | None) -> tuple[float, ...]:
     if candidates is None:
         return DEFAULT_CANDIDATES
     if isinstance(candidates, str) or not isinstance(candidates, Sequence) or not candidates:

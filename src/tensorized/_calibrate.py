@@ -24,7 +24,7 @@ their inputs; :func:`calibrate` fits a :class:`~tensorized.FactorizedLinear` to 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +127,7 @@ def record_inputs(
     flags = {m: m.training for m in [*model.modules(), *modules.values()]}
     handles = []
 
-    def hook_for(name: str, module: nn.Module):
+    def hook_for(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
         param = next(module.parameters(), None)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -169,11 +169,14 @@ def record_inputs(
             module.train(flag)
     if count == 0:
         raise ValueError("calibration_data is empty: give at least one batch of model inputs")
-    out = {name: reservoirs[name].result() for name in modules}
+    results = {name: reservoirs[name].result() for name in modules}
+    out: dict[str, Tensor] = {}
     for name, module in modules.items():
-        if out[name] is None:  # never ran
+        recorded = results[name]
+        if recorded is None:  # never ran
             like = next(module.parameters(), torch.empty(0))
-            out[name] = like.new_empty(0, getattr(module, "in_features", 0))
+            recorded = like.new_empty(0, getattr(module, "in_features", 0))
+        out[name] = recorded
     return out
 
 
@@ -258,7 +261,9 @@ class _Problem:
     gradient with respect to ``What`` is ``2 E G + 2 n d mu^T`` (``G`` plus a ridge).
     """
 
-    def __init__(self, W: Tensor, b: Tensor | None, X: Tensor, held_out: float, seed: int, dtype):
+    def __init__(
+        self, W: Tensor, b: Tensor | None, X: Tensor, held_out: float, seed: int, dtype: torch.dtype
+    ) -> None:
         fit, held = (i.to(X.device) for i in holdout_split(X.shape[0], held_out, seed))
         self.W = W.detach().to(F64)
         self.b = torch.zeros_like(self.W[:, 0]) if b is None else b.detach().to(F64)
@@ -297,12 +302,21 @@ class _Problem:
         return (E @ self.G_work) @ self.G_work.T + self.ridge * E
 
 
-def _check_calibrate_args(layer, weights, biases, inputs, steps, lr, holdout) -> None:
+def _check_calibrate_args(
+    layer: FactorizedLinear,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    inputs: Sequence[Tensor],
+    steps: int,
+    lr: float | None,
+    holdout: float,
+) -> None:
     if not isinstance(layer, FactorizedLinear):
         raise TypeError(f"layer must be a FactorizedLinear, got {type(layer).__name__}")
     L, shape = layer.n_layers, (layer.out_features, layer.in_features)
     for name, seq in (("weights", weights), ("biases", biases), ("inputs", inputs)):
         if isinstance(seq, Tensor) or not isinstance(seq, Sequence) or len(seq) != L:
+            got: str | tuple[int, ...]
             got = f"length {len(seq)}" if isinstance(seq, Sequence) else type(seq).__name__
             raise ValueError(
                 f"{name} must be a list with one entry per layer (n_layers={L}), got {got}"
@@ -379,14 +393,14 @@ def calibrate(
     device = params[0].device
     problems = [
         _Problem(
-            weights[i].to(device),
-            None if biases[i] is None else biases[i].detach().to(device),
+            W.to(device),
+            None if b is None else b.detach().to(device),
             X.detach().to(device),
             float(holdout),
             seed,
             work_dtype,
         )
-        for i, X in enumerate(inputs)
+        for W, b, X in zip(weights, biases, inputs)
     ]
     try:
         layer.eval()
@@ -422,7 +436,9 @@ def _restore(layer: nn.Module, state: list[Tensor]) -> None:
 
 
 @torch.no_grad()
-def _held_out_errors(layer: FactorizedLinear, problems: list[_Problem], dtype) -> list[float]:
+def _held_out_errors(
+    layer: FactorizedLinear, problems: list[_Problem], dtype: torch.dtype
+) -> list[float]:
     return [
         frobenius_error(prob.Y_held, layer(prob.X_held.to(dtype), i))
         for i, prob in enumerate(problems)
@@ -446,10 +462,11 @@ def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
         if layer.bias is None:
             C = C + prob.n_fit * torch.outer(prob.mean, prob.mean)
         weight.fit_closed_form(i if layer.n_layers > 1 else None, prob.W, C)
-    if layer.bias is not None:
-        for i, prob in enumerate(problems):
+    for i, prob in enumerate(problems):
+        bias = _bias(layer, i)
+        if bias is not None:
             W_hat = weight.to_matrix(i if layer.n_layers > 1 else None).to(F64)
-            _bias(layer, i).copy_(prob.target_mean - W_hat @ prob.mean)
+            bias.copy_(prob.target_mean - W_hat @ prob.mean)
 
 
 def _loss_backward(layer: FactorizedLinear, problems: list[_Problem]) -> Tensor:
@@ -476,7 +493,13 @@ def _loss_backward(layer: FactorizedLinear, problems: list[_Problem]) -> Tensor:
     return torch.tensor(value, dtype=F64)
 
 
-def _fit(layer: FactorizedLinear, problems: list, steps: int, lr, before: list[float]) -> int:
+def _fit(
+    layer: FactorizedLinear,
+    problems: list[_Problem],
+    steps: int,
+    lr: float | None,
+    before: list[float],
+) -> int:
     """Closed-form start, then L-BFGS; keeps the best held-out state. Returns the steps taken."""
     dtype = next(layer.parameters()).dtype
     best_state, best = _snapshot(layer), sum(before)

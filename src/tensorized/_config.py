@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from .formats import canonical_name, get_format
 
@@ -18,7 +18,7 @@ __all__ = ["TensorizeConfig"]
 class _ReadOnlyDict(dict):
     """A dict that refuses changes (the config is frozen); copies, pickles and hashes."""
 
-    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+    def _readonly(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("TensorizeConfig.decomposition_kwargs is read-only; use a new config")
 
     __setitem__ = __delitem__ = __ior__ = _readonly

@@ -132,6 +132,7 @@ class FactorizedLinear(Merging):
             checkpointing: as in the constructor.
 
         Example:
+            >>> import torch, tensorized as tz
             >>> tt = tz.formats.get_format("tt")
             >>> w = tt.from_matrix(torch.randn(16, 64), (8, 8), (4, 4), rank=(4, 8, 8))
             >>> tz.FactorizedLinear.from_weight(w, torch.zeros(16)).rank
@@ -217,12 +218,7 @@ class FactorizedLinear(Merging):
 
     @implementation.setter
     def implementation(self, value: str) -> None:
-        valid = ("auto", *self.weight.strategy_names())
-        if not isinstance(value, str) or value not in valid:
-            raise ValueError(
-                f"implementation must be one of {valid} for factorization="
-                f"{self.factorization!r}, got {value!r}"
-            )
+        _check_implementation(type(self.weight), value)
         self._implementation = value
         self._fixed = None if value == "auto" else self.weight.strategy(value)
 
@@ -419,9 +415,7 @@ class FactorizedLinear(Merging):
             # choice is a constant of the graph, made for every batch size (a graph may serve
             # them all: dynamic shapes, ONNX dynamic axes), and computed from the parameters.
             strategy = self._fixed or weight.strategy(
-                planned_strategy(
-                    weight.signature_key, None, grad, x.dtype, x.device.type, False
-                )
+                planned_strategy(weight.signature_key, None, grad, x.dtype, x.device.type, False)
             )
             y = strategy.apply(weight, x2d, strategy.prepare(weight, layer), bias)
         elif merged is not None and not grad:
@@ -562,6 +556,7 @@ class FactorizedLinear(Merging):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        _check_implementation(factorization, implementation)  # before a long decomposition
         weight, b = convert.decompose_linears(
             [linear],
             in_tensorized_features,
@@ -601,6 +596,7 @@ class FactorizedLinear(Merging):
         ``result[i]`` then computes (an approximation of) ``linear_list[i]``. Arguments are
         as in :meth:`from_linear`; ``rank`` counts the parameters of all layers together.
         """
+        _check_implementation(factorization, implementation)  # before a long decomposition
         weight, b = convert.decompose_linears(
             convert.check_linear_list(linear_list),
             in_tensorized_features,
@@ -616,6 +612,16 @@ class FactorizedLinear(Merging):
         )
         return cls.from_weight(
             weight, b, implementation=implementation, checkpointing=checkpointing
+        )
+
+
+def _check_implementation(factorization: str | type[FactorizedMatrix], implementation: str) -> None:
+    fmt = get_format(factorization)
+    valid = ("auto", *fmt.strategy_names())
+    if not isinstance(implementation, str) or implementation not in valid:
+        raise ValueError(
+            f"implementation must be one of {valid} for factorization={fmt.name!r}, got "
+            f"{implementation!r}"
         )
 
 

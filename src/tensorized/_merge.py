@@ -77,7 +77,8 @@ class Merging(nn.Module):
                 batch sizes 1 to 4096 when its operands are kept.
 
         Example:
-            >>> layer = FactorizedLinear((8, 8), (8, 8), factorization="blocktt", rank=0.2)
+            >>> import tensorized as tz
+            >>> layer = tz.FactorizedLinear((8, 8), (8, 8), factorization="blocktt", rank=0.2)
             >>> _ = layer.eval().merge("reconstructed")
             >>> layer.merged_numel  # the dense 64 x 64 matrix
             4096
@@ -86,8 +87,11 @@ class Merging(nn.Module):
         if name == "auto":
             param = self._weight_params[0]
             name = any_batch_strategy(
-                self.weight, training=False, dtype=param.dtype,
-                device_type=param.device.type, cached=True,
+                self.weight,
+                training=False,
+                dtype=param.dtype,
+                device_type=param.device.type,
+                cached=True,
             )
         strategy = self.weight.strategy(name)
         layers: list[int | None] = [None] if self.n_layers == 1 else list(range(self.n_layers))

@@ -21,8 +21,9 @@ signature: identical layers share their plans.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -246,9 +247,7 @@ def any_batch_strategy(
     (and recompiling for) each batch size.
     """
     plans = [
-        make_plan(
-            weight, b, training=training, dtype=dtype, device_type=device_type, cached=cached
-        )
+        make_plan(weight, b, training=training, dtype=dtype, device_type=device_type, cached=cached)
         for b in ANY_BATCH
     ]
 
@@ -258,12 +257,15 @@ def any_batch_strategy(
     return min(plans[0].strategies, key=worst_slowdown)
 
 
-def _assume_constant_result(fn):  # type: ignore[no-untyped-def]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _assume_constant_result(fn: _F) -> _F:
     """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` at import
     time (about 1 s and 800 modules, for users who never compile): the public decorator only
     sets this marker, which dynamo reads while tracing. tests/test_compile.py checks that the
     marker is the one the public decorator sets, and that compiled planning works."""
-    fn._dynamo_marked_constant = True
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]  # a function attribute
     return fn
 
 
@@ -296,7 +298,13 @@ def signature_id(signature: tuple) -> int:
 
 
 def cached_strategy(
-    key: tuple, signature: tuple, batch: int | None, grad: bool, cached: bool, dtype, device_type
+    key: tuple,
+    signature: tuple,
+    batch: int | None,
+    grad: bool,
+    cached: bool,
+    dtype: torch.dtype,
+    device_type: str,
 ) -> str:
     """The planned strategy for ``key = (signature id, batch, grad, cached, dtype, device)``,
     from the shared table, planning it on a miss."""

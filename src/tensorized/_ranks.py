@@ -30,7 +30,8 @@ import numbers
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Union
 
 from ._shapes import Modes
@@ -89,7 +90,8 @@ def _user_stacklevel() -> int:
     """The ``warnings.warn`` stacklevel of the first caller outside this package, so that a
     warning points at the user's line whichever public function was called."""
     package = os.path.dirname(os.path.abspath(__file__))
-    level, frame = 2, sys._getframe(2)  # 1 would be our caller (the function that warns)
+    level = 2  # 1 would be our caller (the function that warns)
+    frame: FrameType | None = sys._getframe(level)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
@@ -236,7 +238,12 @@ def smallest_rank(cls: type[FactorizedMatrix], caps: tuple[int, ...]) -> Concret
     return 1 if cls.rank_kind == "int" else (1,) * len(caps)
 
 
-def _fit_vector(family, count, target: float, caps: tuple[int, ...]) -> tuple[int, ...]:
+def _fit_vector(
+    family: Callable[[float], tuple[int, ...]],
+    count: Callable[[tuple[int, ...]], int],
+    target: float,
+    caps: tuple[int, ...],
+) -> tuple[int, ...]:
     """Ranks whose parameter count is closest to ``target``.
 
     Bisection over the scale of a monotone, balanced rank family finds the largest member
@@ -259,12 +266,12 @@ def _fit_vector(family, count, target: float, caps: tuple[int, ...]) -> tuple[in
     gap = abs(count(best) - target)
     d = len(caps)
     for _ in range(4 * d + 16):  # each accepted move strictly shrinks the gap
-        moves = [(k, s) for k in range(d) for s in (-1, 1)]
+        moves: list[tuple[tuple[int, int], ...]] = [((k, s),) for k in range(d) for s in (-1, 1)]
         moves += [((k, 1), (j, -1)) for k in range(d) for j in range(d) if j != k]
         candidates = []
         for mv in moves:
             r = list(best)
-            for k, step in mv if isinstance(mv[0], tuple) else (mv,):
+            for k, step in mv:
                 r[k] += step
             if all(1 <= v <= c for v, c in zip(r, caps)):
                 candidates.append(tuple(r))

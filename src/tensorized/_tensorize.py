@@ -11,9 +11,9 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class _Unit:
         return torch.stack(ws) if self.joint else ws[0]
 
 
-def _matches(name: str, patterns: str | tuple[str, ...]) -> bool:
+def _matches(name: str, patterns: str | Sequence[str]) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
@@ -207,7 +207,8 @@ def _ranks(units: list[_Unit], config: TensorizeConfig) -> list[Any]:
     from ._allocate import allocate_ranks
 
     weights = [u.weight() for u in units]
-    budget = round(config.rank * sum(w.numel() for w in weights))
+    fraction = cast(float, config.rank)  # TensorizeConfig checks it for 'budget'
+    budget = round(fraction * sum(w.numel() for w in weights))
     modes = [(u.in_modes, u.out_modes) for u in units]
     kwargs = dict(config.decomposition_kwargs)
     fmt = config.factorization
@@ -234,8 +235,9 @@ def _build(
     new.train(linears[0].training)
     errors: tuple[float | None, float | None] = (None, None)
     if inputs is not None:
-        xs = [inputs.get(n) for n, _ in unit.members]
-        if any(x is None or x.shape[0] < 2 for x in xs):  # never called on calibration_data
+        recorded = [inputs.get(n) for n, _ in unit.members]
+        xs = [x for x in recorded if x is not None and x.shape[0] >= 2]
+        if len(xs) < len(recorded):  # never called on calibration_data
             warnings.warn("under 2 calibration input rows recorded: not calibrated", stacklevel=2)
         else:
             from ._calibrate import calibrate

@@ -452,8 +452,11 @@ class FactorizedMatrix(nn.Module):
             fitted = cls.from_matrix(weight, in_modes, out_modes, rank, **decomposition_kwargs)
             with torch.no_grad():
                 diff = (fitted.to_matrix().double() - weight.double()).pow(2).sum()
-            options[rank] = (cls.param_count(in_modes, out_modes, rank, n_layers),
-                             min(float(diff), norm_sq), rank)
+            options[rank] = (
+                cls.param_count(in_modes, out_modes, rank, n_layers),
+                min(float(diff), norm_sq),
+                rank,
+            )
         return sorted(options.values(), key=lambda o: (o[0], o[1]))
 
     @torch.no_grad()

@@ -227,8 +227,12 @@ class CPFormat(FactorizedMatrix):
             return None
         weights, factors = convert(obj.weights), [convert(f) for f in obj.factors]
         module = cls.empty(
-            in_modes, out_modes, int(weights.shape[0]), n_layers,
-            device=weights.device, dtype=weights.dtype,
+            in_modes,
+            out_modes,
+            int(weights.shape[0]),
+            n_layers,
+            device=weights.device,
+            dtype=weights.dtype,
         )
         values = {"weights": weights, **{f"factors.{k}": f for k, f in enumerate(factors)}}
         module.load_values(values)

@@ -30,10 +30,20 @@ class DenseFormat(FactorizedMatrix):
     rank_kind = "none"
     closed_form_exact = True
     strategies = (
-        Strategy("factorized", _prepare, lambda w, x, ops, b: F.linear(x, ops[0], b), _work,
-                 "one GEMM with the stored matrix"),
-        Strategy("reconstructed", _prepare, lambda w, x, ops, b: F.linear(x, ops[0], b), _work,
-                 "the same: the matrix is stored"),
+        Strategy(
+            "factorized",
+            _prepare,
+            lambda w, x, ops, b: F.linear(x, ops[0], b),
+            _work,
+            "one GEMM with the stored matrix",
+        ),
+        Strategy(
+            "reconstructed",
+            _prepare,
+            lambda w, x, ops, b: F.linear(x, ops[0], b),
+            _work,
+            "the same: the matrix is stored",
+        ),
     )
 
     @classmethod
@@ -99,7 +109,8 @@ class DenseFormat(FactorizedMatrix):
         if not is_array or n_layers is None:
             return None
         dense = convert(obj).reshape(n_layers, math.prod(out_modes), math.prod(in_modes))
-        module = cls.empty(in_modes, out_modes, "same", n_layers, device=dense.device,
-                           dtype=dense.dtype)
+        module = cls.empty(
+            in_modes, out_modes, "same", n_layers, device=dense.device, dtype=dense.dtype
+        )
         module.load_values({"weight": dense if n_layers > 1 else dense[0]})
         return module

@@ -290,8 +290,9 @@ class TTFormat(TrainFormat):
         n_layers = layer_count(obj.shape, in_modes, out_modes)
         if not isinstance(obj, TTTensor) or n_layers is None:
             return None
-        return _train_from_cores(cls, [convert(c) for c in obj.factors], in_modes, out_modes,
-                                 n_layers)
+        return _train_from_cores(
+            cls, [convert(c) for c in obj.factors], in_modes, out_modes, n_layers
+        )
 
 
 def _train_from_cores(
