@@ -108,7 +108,7 @@ class TensorizeConfig:
             differ only in numeric parts: ``blocks.0.q`` and ``blocks.1.q`` form ``blocks.*.q``.
         rank_allocation: ``'uniform'`` (``rank`` for each layer) or ``'budget'``: ``rank`` (a
             float in (0, 1]) of all targeted weight parameters, spread over the layers by
-            :func:`tensorized._allocate.allocate_ranks` to minimize the total error.
+            :func:`tensorized.allocate_ranks` to minimize the total error.
         decomposition_kwargs: options of the decompositions (e.g. ``n_iter_max``), kept as a
             read-only copy.
         calibration_steps: optimizer steps per layer (or group) with calibration data.

@@ -54,7 +54,7 @@ class FactorizedLinear(Merging):
             ``'tt-matrix'``), ``'lowrank'``, ``'dense'`` or a registered format;
             case-insensitive.
         rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
-            of concrete ranks (see :mod:`tensorized._ranks`).
+            of concrete ranks (see :func:`tensorized.resolve_rank`).
         n_layers: number of layers sharing the factorized tensor.
         implementation: ``'auto'`` (the planner picks, per batch size, dtype, device and
             mode, the strategy with the least estimated time; see :meth:`plan`), or the name
@@ -313,7 +313,7 @@ class FactorizedLinear(Merging):
             device: defaults to the parameters'.
 
         Returns:
-            A :class:`tensorized._plan.Plan`: ``plan.chosen`` is the strategy ``'auto'`` uses
+            A :class:`tensorized.Plan`: ``plan.chosen`` is the strategy ``'auto'`` uses
             (or the fixed ``implementation``, or the merged one), ``plan.costs`` has FLOPs,
             bytes, kernel calls and the estimated time of each; ``print(plan)`` shows them
             as a table. Inference costs count the weight-only work on every call unless the
@@ -475,7 +475,7 @@ class FactorizedLinear(Merging):
         """The weight as a TensorLy ``CPTensor`` / ``TuckerTensor`` / ``TTTensor`` /
         ``TTMatrix`` (a dense tensor for 'dense') of shape ``([n_layers,] *out, *in)``, in
         TensorLy's current backend; a detached copy. Needs ``tensorly`` (imported here only);
-        see :mod:`tensorized._interop` for the layout of the layer mode."""
+        see the TensorLy section of the docs for the layout of the layer mode."""
         return interop.to_tensorly(self.weight)
 
     @classmethod

@@ -1,8 +1,8 @@
 """Model-wide compression: swap a model's ``nn.Linear`` layers for factorized ones, in place.
 
 :func:`tensorize_` follows ``torchao.quantize_`` (a frozen config, an optional ``filter_fn``,
-in place) and PEFT's module matching; the configuration lives in :mod:`tensorized._config`,
-the report in :mod:`tensorized._report`.
+in place) and PEFT's module matching; the configuration is :class:`tensorized.TensorizeConfig`,
+the report :class:`tensorized.TensorizeReport`.
 """
 
 from __future__ import annotations
@@ -132,9 +132,9 @@ def tensorize_(
             matching; false leaves the layer alone.
         calibration_data: optional iterable of model inputs (a tensor ``x`` -> ``model(x)``,
             a tuple -> ``model(*x)``, a dict -> ``model(**x)``). The targets' inputs are
-            recorded on the original model first (:func:`tensorized._calibrate.record_inputs`),
+            recorded on the original model first (:func:`tensorized.record_inputs`),
             then each new layer or group is fitted to its original's outputs on them
-            (:func:`tensorized._calibrate.calibrate`, ``config.calibration_steps`` steps).
+            (:func:`tensorized.calibrate`, ``config.calibration_steps`` steps).
 
     Returns:
         A :class:`TensorizeReport`, one row per layer or joint group (weight errors are those

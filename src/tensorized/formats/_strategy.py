@@ -3,8 +3,8 @@
 A :class:`Strategy` keeps side by side the code that computes (``prepare``: work on the
 weight alone; ``apply``: work on the input) and the :class:`Work` the planner counts for it
 (the matrix products the code runs, and its element-wise traffic). The planner
-(:mod:`tensorized._plan`) only reads :class:`Work`; the tests check it against the FLOPs and
-copies the code really makes.
+(:func:`tensorized.make_plan`) only reads :class:`Work`; the tests check it against the FLOPs
+and copies the code really makes.
 """
 
 from __future__ import annotations

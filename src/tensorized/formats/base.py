@@ -39,7 +39,7 @@ class FactorizedMatrix(nn.Module):
         in_modes: modes of the input features, e.g. ``(8, 8, 16)`` for 1024.
         out_modes: modes of the output features.
         rank: ``'same'``, a float (fraction of the dense parameter count), an int or a tuple
-            of concrete ranks (see :mod:`tensorized._ranks`).
+            of concrete ranks (see :func:`tensorized.resolve_rank`).
         n_layers: size of the leading layer mode (1: a single matrix, no layer mode).
         device: device of the parameters (``'meta'`` works: nothing is measured there).
         dtype: dtype of the parameters.
