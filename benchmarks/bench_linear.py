@@ -44,7 +44,11 @@ import torch
 from torch import Tensor, nn
 
 import tensorized as tz
-from tensorized._plan import any_batch_strategy
+
+try:
+    from tensorized._plan import any_batch_strategy
+except ImportError:  # the code before the modules became private (compare_versions.py)
+    from tensorized.plan import any_batch_strategy  # type: ignore[no-redef]
 from tensorized._ranks import RankBudgetWarning
 
 try:

@@ -415,7 +415,7 @@ def test_report_str_and_to_list():
     rows = report.to_list()
     json.dumps(rows)
     assert rows[0]["in_modes"] == list(report.layers[0].in_modes)
-    assert set(rows[0]) == {f.name for f in dataclasses.fields(tz.transform.LayerReport)}
+    assert set(rows[0]) == {f.name for f in dataclasses.fields(tz.LayerReport)}
     assert [r.name for r in report] == [r["name"] for r in rows]
 
 
