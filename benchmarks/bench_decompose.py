@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from tensorized import tensorize_shape
 from tensorized._ops import frobenius_error
-from tensorized._shapes import tensorize_shape
 from tensorized.formats import FORMATS
 
 FORMAT_NAMES = ["lowrank", "tucker", "tt", "blocktt", "cp"]

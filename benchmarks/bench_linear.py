@@ -49,7 +49,7 @@ try:
     from tensorized._plan import any_batch_strategy
 except ImportError:  # the code before the modules became private (compare_versions.py)
     from tensorized.plan import any_batch_strategy  # type: ignore[no-redef]
-from tensorized._ranks import RankBudgetWarning
+from tensorized import RankBudgetWarning
 
 try:
     import tltorch
