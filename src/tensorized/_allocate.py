@@ -115,8 +115,8 @@ def allocate_ranks(
         return [None] * len(entries)
     limit = cls.curve_fraction_limit  # a costly curve: skip fractions far above the budget's
     if limit is not None:
-        fractions = tuple(f for f in fractions if f <= limit * budget / dense_total)
-        fractions = fractions or _check_candidates(candidates)[:1]
+        kept = tuple(f for f in fractions if f <= limit * budget / dense_total)
+        fractions = kept or fractions[:1]
     curves = [cls.error_curve(W, i, o, L, fractions, kwargs) for W, i, o, L in entries]
     choice = _allocate(curves, float(budget))
     total = sum(curve[j][0] for curve, j in zip(curves, choice))

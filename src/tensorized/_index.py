@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from typing import SupportsIndex, cast
 
+import torch
 from torch import Tensor
 
 __all__ = ["normalize_index"]
@@ -28,7 +29,7 @@ def normalize_index(indices: object, n_layers: int, name: str = "indices") -> in
                 f"{name} must be an int layer index, got a tensor of shape "
                 f"{tuple(value.shape)} and dtype {value.dtype}"
             )
-        if value.dtype.is_floating_point or str(value.dtype) == "torch.bool":
+        if value.dtype == torch.bool:
             raise TypeError(f"{name} must be an int layer index, got a bool tensor {value!r}")
         value = int(value.item())
     elif isinstance(value, bool) or type(value).__name__ == "bool_":

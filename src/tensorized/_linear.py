@@ -195,7 +195,6 @@ class FactorizedLinear(Merging):
         # may be replaced (to(), to_empty(), load_state_dict(assign=True), layer.weight = ...).
         weight = cast(FactorizedMatrix, self._modules["weight"])
         self._bound = (weight, tuple(weight.parameters()))
-        self._weight_params = self._bound[1]
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -319,7 +318,7 @@ class FactorizedLinear(Merging):
             as a table. Inference costs count the weight-only work on every call unless the
             layer is merged.
         """
-        param = self._weight_params[0]
+        param = self._bound[1][0]
         device_type = torch.device(device).type if device is not None else param.device.type
         grad = self._grad_flows() if training is None else training
         cached = self._merged is not None and not grad
@@ -339,12 +338,12 @@ class FactorizedLinear(Merging):
 
     def implementation_for(self, batch: int) -> str:
         """The strategy ``forward`` uses for ``batch`` rows in the current mode."""
-        param = self._weight_params[0]
+        param = self._bound[1][0]
         return self._strategy(max(batch, 1), self._grad_flows(), param.dtype, param.device).name
 
     def _grad_flows(self) -> bool:
         """Whether a forward now records gradients of the weight."""
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self._weight_params)
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._bound[1])
 
     def _strategy(self, rows: int, grad: bool, dtype: torch.dtype, device: Any) -> Strategy:
         if self._fixed is not None:

@@ -47,7 +47,7 @@ class Merging(nn.Module):
 
     if TYPE_CHECKING:  # provided by FactorizedLinear
         weight: FactorizedMatrix
-        _weight_params: tuple[nn.Parameter, ...]
+        _bound: tuple[Any, tuple[nn.Parameter, ...]]
 
         @property
         def implementation(self) -> str: ...
@@ -85,7 +85,7 @@ class Merging(nn.Module):
         """
         name = implementation or self.implementation
         if name == "auto":
-            param = self._weight_params[0]
+            param = self._bound[1][0]
             name = any_batch_strategy(
                 self.weight,
                 training=False,
@@ -95,7 +95,7 @@ class Merging(nn.Module):
             )
         strategy = self.weight.strategy(name)
         layers: list[int | None] = [None] if self.n_layers == 1 else list(range(self.n_layers))
-        with _no_autocast(self._weight_params[0].device.type):
+        with _no_autocast(self._bound[1][0].device.type):
             operands = {
                 i: tuple(t.detach() for t in strategy.prepare(self.weight, i)) for i in layers
             }
@@ -141,7 +141,7 @@ class Merging(nn.Module):
         self._merged = None
         super()._apply(fn, recurse)
         self._bind_parameters()
-        if merged is not None and not any(p.is_meta for p in self._weight_params):
+        if merged is not None and not any(p.is_meta for p in self._bound[1]):
             self.merge(merged.strategy.name)
         return self
 

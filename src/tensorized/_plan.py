@@ -128,13 +128,14 @@ class Plan:
 def work(weight: FactorizedMatrix | WeightShape, strategy: str, batch: int) -> Work:
     """The :class:`Work` of ``strategy`` for ``batch`` rows, as the format declares it."""
     shape = _shape_of(weight)
-    names = get_format(shape.name).strategy_names()
+    fmt = get_format(shape.name)
+    names = fmt.strategy_names()
     if strategy not in names:
         raise ValueError(
             f"strategy {strategy!r} is not defined for factorization {shape.name!r}; its "
             f"strategies are {names}"
         )
-    found = next(s for s in get_format(shape.name).strategies if s.name == strategy)
+    found = next(s for s in fmt.strategies if s.name == strategy)
     return found.work(shape, batch)
 
 

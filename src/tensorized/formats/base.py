@@ -434,19 +434,11 @@ class FactorizedMatrix(nn.Module):
         of each candidate fraction and measures the error; formats override it with exact
         or cheaper curves.
         """
-        import warnings
-
-        from .._ranks import RankBudgetWarning, resolve_rank
+        from . import _curves
 
         norm_sq = float(weight.double().pow(2).sum())
         options: dict[Any, Option] = {}
-        for f in fractions:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RankBudgetWarning)
-                try:
-                    rank = resolve_rank(cls, in_modes, out_modes, f, n_layers)
-                except ValueError:
-                    continue  # outside what the format reaches here
+        for rank in _curves.family(cls, in_modes, out_modes, n_layers, fractions):
             if rank in options:
                 continue
             fitted = cls.from_matrix(weight, in_modes, out_modes, rank, **decomposition_kwargs)
