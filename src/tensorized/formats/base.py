@@ -512,7 +512,22 @@ def balanced_std(std: float, n_terms: int, n_factors: int) -> float:
 def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     # Under autocast y has the autocast dtype and the bias does not: cast the bias, as
     # F.linear does, rather than promote the output back to the parameters' dtype.
-    return y if bias is None else y + bias.to(y.dtype)
+    if bias is None:
+        return y
+    return y + (bias if bias.dtype is y.dtype else bias.to(y.dtype))
+
+
+def listed(params: nn.ParameterList) -> list[Tensor]:
+    """The members of a ``ParameterList``, in order, read from its registry: iterating the
+    list itself costs about a microsecond per member (it formats a string key for each),
+    which is most of a batch-1 forward's Python time. Always current: replacing a member
+    (``params[k] = ...``, ``load_state_dict(assign=True)``) updates the registry. A member
+    under ``torch.nn.utils.parametrize`` leaves the registry (it becomes a computed
+    attribute): then the list is read item by item."""
+    members = params._parameters
+    if len(members) != len(params):
+        return list(params)
+    return list(members.values())  # type: ignore[arg-type]
 
 
 def chain_work(shapes: list[tuple[int, ...]]) -> list[Gemm]:

@@ -18,7 +18,7 @@ from .._ops import khatri_rao
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed
 
 
 def _sizes(in_modes: Modes, out_modes: Modes, n_layers: int) -> tuple[int, ...]:
@@ -27,11 +27,11 @@ def _sizes(in_modes: Modes, out_modes: Modes, n_layers: int) -> tuple[int, ...]:
 
 def _split(w: CPFormat, layer: int | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Per-component scales (weights times the layer's row), out factors, in factors."""
-    factors = list(w.factors)
-    scale = w.weights
+    factors = listed(w.factors)
+    scale: Tensor = w.weights
     if w.n_layers > 1:
         scale = scale * factors.pop(0)[layer]
-    m = len(w.out_modes)
+    m = w._n_out
     return scale, factors[:m], factors[m:]
 
 
@@ -133,6 +133,7 @@ class CPFormat(FactorizedMatrix):
         self.weights = nn.Parameter(torch.empty(R, **factory))
         sizes = _sizes(self.in_modes, self.out_modes, self.n_layers)
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(n, R, **factory)) for n in sizes])
+        self._n_out = len(self.out_modes)
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         scale, outs, ins = _split(self, layer)

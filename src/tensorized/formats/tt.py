@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .. import decompose
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, chain_work, layer_count
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, chain_work, layer_count, listed
 
 
 def product(cores: list[Tensor]) -> Tensor:
@@ -87,7 +88,7 @@ class TrainFormat(FactorizedMatrix):
 
     def layer_cores(self, layer: int | None) -> list[Tensor]:
         """The cores of one layer: the layer core's row is absorbed into the next core."""
-        cores = list(self.cores)
+        cores = listed(self.cores)
         if self.n_layers == 1:
             return cores
         row = cores[0][0, layer]  # (r,)
@@ -185,17 +186,17 @@ def _prepare_factorized(w: TTFormat, layer: int | None) -> tuple[Tensor, ...]:
 def _apply_factorized(
     w: TTFormat, x: Tensor, cores: tuple[Tensor, ...], bias: Tensor | None
 ) -> Tensor:
-    m, batch = len(w.out_modes), x.shape[0]
+    # The sizes come bound from construction (``_in_steps``/``_out_steps``).
     t = x
-    for c in reversed(cores[m:]):  # absorb the in modes, last first: -> (batch, r_m)
-        t = t.reshape(-1, c.shape[1] * c.shape[2]) @ c.reshape(c.shape[0], -1).T
+    for k, cols, r in w._in_steps:  # absorb the in modes, last first: -> (batch, r_m)
+        t = F.linear(t.reshape(-1, cols), cores[k].view(r, cols))
     # Expand the out modes, last first, with the batch as the last axis: t is
     # (r_k, out modes done, batch), so each step is one plain GEMM on a contiguous view
     # (a batch-first layout needs a broadcast matmul, which copies its operands).
     t = t.T  # (r_m, batch), a transposed view that the GEMM reads as is
-    for c in reversed(cores[:m]):
-        t = c.reshape(-1, c.shape[-1]) @ t.reshape(c.shape[-1], -1)
-    return add_bias(t.reshape(w.out_features, batch).T, bias)
+    for k, rows, r in w._out_steps:
+        t = torch.mm(cores[k].view(rows, r), t.reshape(r, -1))
+    return add_bias(t.reshape(w.out_features, -1).T, bias)
 
 
 def _work_factorized(s: WeightShape, batch: int) -> Work:
@@ -266,6 +267,18 @@ class TTFormat(TrainFormat):
                 nn.Parameter(torch.empty(ranks[k], n, ranks[k + 1], **factory))
                 for k, n in enumerate(modes)
             ]
+        )
+        # The factorized strategy's products over one layer's cores (the layer core, if
+        # any, is absorbed into the next): (core index, columns or rows, rank it contracts).
+        shapes = [(ranks[k], n, ranks[k + 1]) for k, n in enumerate(modes)][
+            -len(self.in_modes) - len(self.out_modes) :
+        ]
+        m = len(self.out_modes)
+        self._in_steps = tuple(
+            (k, shapes[k][1] * shapes[k][2], shapes[k][0]) for k in reversed(range(m, len(shapes)))
+        )
+        self._out_steps = tuple(
+            (k, (shapes[k][0] if k else 1) * shapes[k][1], shapes[k][2]) for k in reversed(range(m))
         )
 
     def _to_matrix(self, layer: int | None) -> Tensor:

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .. import decompose
 from .._ops import mode_dot, unfold
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed
 
 
 def _core(w: TuckerFormat, layer: int | None) -> Tensor:
@@ -26,26 +27,25 @@ def _core(w: TuckerFormat, layer: int | None) -> Tensor:
 
 
 def _prepare_factorized(w: TuckerFormat, layer: int | None) -> tuple[Tensor, ...]:
-    m = len(w.out_modes)
-    core = _core(w, layer).reshape(math.prod(w.rank[:m]), -1)
-    return (core, *list(w.factors))  # list(): older torch.compile cannot unpack it
+    core = _core(w, layer).reshape(w._core_rows, -1)
+    return (core, *listed(w.factors))
 
 
 def _apply_factorized(
     w: TuckerFormat, x: Tensor, ops: tuple[Tensor, ...], bias: Tensor | None
 ) -> Tensor:
-    # Mode by mode, always on the last axis so each step is one plain GEMM; the new axis
-    # is then rotated to the front (after the batch), which after all modes restores the
-    # original order. (Non-negative dims: the legacy ONNX exporter rejects movedim(-1, .).)
+    # Mode by mode, last mode first, each as one GEMM on the last axis: t is
+    # (batch * rest, n) -> (batch * rest, r), then the new axis is rotated to the front
+    # (after the batch), which after all modes restores the original order. The sizes
+    # are bound at construction (``_steps``): no shape arithmetic per call.
     core, factors = ops[0], ops[1:]
-    m, batch = len(w.out_modes), x.shape[0]
-    t = x.reshape(batch, *w.in_modes)
-    for f in reversed(factors[m:]):  # project onto the in-factors: i_k -> r_k
-        t = mode_dot(t, f.T, t.ndim - 1).movedim(t.ndim - 1, 1)
-    t = (t.reshape(batch, -1) @ core.T).reshape(batch, *w.rank[:m])
-    for f in reversed(factors[:m]):  # expand with the out-factors: r_k -> o_k
-        t = mode_dot(t, f, t.ndim - 1).movedim(t.ndim - 1, 1)
-    return add_bias(t.reshape(batch, w.out_features), bias)
+    t = x
+    for k, n, rest, r in w._in_steps:  # project onto the in-factors: i_k -> r_k
+        t = torch.mm(t.reshape(-1, n), factors[k]).view(-1, rest, r).transpose(1, 2)
+    t = F.linear(t.reshape(-1, core.shape[1]), core)
+    for k, n, rest, r in w._out_steps:  # expand with the out-factors: r_k -> o_k
+        t = F.linear(t.reshape(-1, n), factors[k]).view(-1, rest, r).transpose(1, 2)
+    return add_bias(t.reshape(-1, w.out_features), bias)
 
 
 def _factorized_products(s: WeightShape, B: int) -> list[Gemm]:
@@ -88,7 +88,7 @@ def _prepare_kron(w: TuckerFormat, layer: int | None) -> tuple[Tensor, ...]:
     # into the side with the larger rank so that the apply step is two GEMMs through
     # min(R_in, R_out).
     m = len(w.out_modes)
-    factors = list(w.factors)  # a list, not a ParameterList slice, for torch.compile
+    factors = listed(w.factors)
     k_in, k_out = _kron(factors[m:]), _kron(factors[:m])
     core = _core(w, layer).reshape(k_out.shape[1], k_in.shape[1])
     if k_in.shape[1] <= k_out.shape[1]:
@@ -169,6 +169,25 @@ class TuckerFormat(FactorizedMatrix):
         self.factors = nn.ParameterList(
             [nn.Parameter(torch.empty(n, r, **factory)) for n, r in zip(sizes, self.rank)]
         )
+        self._bind_steps()
+
+    def _bind_steps(self) -> None:
+        # (factor index, size replaced, size of the modes after it, new size) for each mode
+        # product of the factorized strategy, in the order it runs them.
+        m, rank = len(self.out_modes), self.rank
+        self._core_rows = math.prod(rank[:m])
+        self._in_steps = self._steps(self.in_modes, rank[m:], m)
+        self._out_steps = self._steps(rank[:m], self.out_modes, 0)
+
+    @staticmethod
+    def _steps(
+        sizes: Sequence[int], new: Sequence[int], first: int
+    ) -> tuple[tuple[int, int, int, int], ...]:
+        steps, done = [], 1  # done: product of the new sizes already in front
+        for k in reversed(range(len(sizes))):
+            steps.append((first + k, sizes[k], done * math.prod(sizes[:k]), new[k]))
+            done *= new[k]
+        return tuple(steps)
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         t = _core(self, layer)
