@@ -98,7 +98,10 @@ def record_inputs(
             ``model``).
         calibration_data: an iterable of model inputs (a list, a ``DataLoader``, ...).
         max_rows: keep at most this many rows per module: a uniform random subset without
-            replacement (seeded), in the order the rows were seen.
+            replacement (seeded), in the order the rows were seen. Data with a ``len()`` (a
+            list, a ``DataLoader``) is read whole and sampled; an iterator or generator
+            (which may be endless) is read only until every module that ran holds
+            ``max_rows`` rows, and at most ``max_rows`` batches.
         seed: seed of the subsampling.
         progress: show a tqdm bar over the batches.
 
@@ -159,9 +162,12 @@ def record_inputs(
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="recording inputs", leave=False)
+        sized = _has_length(calibration_data)
         with torch.no_grad():
             for count, item in enumerate(batches, 1):
                 _call(model, item, count - 1)
+                if not sized and (count >= max_rows or _full(reservoirs.values())):
+                    break  # an unsized stream may never end: stop once it has given enough
     finally:
         for handle in handles:
             handle.remove()
@@ -178,6 +184,22 @@ def record_inputs(
             recorded = like.new_empty(0, getattr(module, "in_features", 0))
         out[name] = recorded
     return out
+
+
+def _has_length(data: object) -> bool:
+    """Whether ``data`` says how many batches it holds (a ``DataLoader`` over an
+    ``IterableDataset`` has ``__len__`` but raises ``TypeError`` from it)."""
+    try:
+        len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
+def _full(reservoirs: Iterable[_Reservoir]) -> bool:
+    """Every module that ran has seen ``size`` rows (and at least one ran)."""
+    ran = [r for r in reservoirs if r.seen]
+    return bool(ran) and all(r.seen >= r.size for r in ran)
 
 
 def _check_data(data: object) -> None:

@@ -20,29 +20,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._header import FORMAT_VERSION, PREFIX, LayerSpec, Place, config_entry, read_layout
 from ._linear import FactorizedLinear, LinearView
 from ._tensorize import TensorizeConfig
 from .formats import get_format
 
 __all__ = ["load_config", "load_model", "save_model"]
 
-FORMAT_VERSION = "1"
-_PREFIX = "tensorized."  # metadata keys we own; user metadata may not start with it
-
 
 def _spec(layer: FactorizedLinear) -> dict[str, Any]:
     """What the constructor needs to rebuild ``layer`` with the same parameter shapes."""
-    rank = layer.rank
-    return {
-        "in_modes": list(layer.in_tensorized_features),
-        "out_modes": list(layer.out_tensorized_features),
-        "factorization": layer.factorization,
-        "rank": list(rank) if isinstance(rank, tuple) else rank,
-        "n_layers": layer.n_layers,
-        "bias": layer.bias is not None,
-        "implementation": layer.implementation,
-        "checkpointing": layer.checkpointing,
-    }
+    return LayerSpec.of(layer).to_dict()
 
 
 def _placements(model: nn.Module) -> tuple[dict[str, dict], list[dict[str, Any]]]:
@@ -129,8 +117,8 @@ def save_model(
     for k, v in extra.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
-        if k.startswith(_PREFIX):
-            raise ValueError(f"metadata key {k!r} is reserved: keys starting with {_PREFIX!r}")
+        if k.startswith(PREFIX):
+            raise ValueError(f"metadata key {k!r} is reserved: keys starting with {PREFIX!r}")
     from safetensors.torch import save_file
 
     from . import __version__
@@ -139,18 +127,20 @@ def save_model(
     tensors, aliases = _unique_tensors(model)
     header = {
         **extra,
-        _PREFIX + "format": FORMAT_VERSION,
-        _PREFIX + "version": __version__,
-        _PREFIX + "groups": json.dumps(groups),
-        _PREFIX + "places": json.dumps(places),
-        _PREFIX + "aliases": json.dumps(aliases),
+        PREFIX + "format": FORMAT_VERSION,
+        PREFIX + "version": __version__,
+        PREFIX + "groups": json.dumps(groups),
+        PREFIX + "places": json.dumps(places),
+        PREFIX + "aliases": json.dumps(aliases),
     }
     if config is not None:
         try:
-            header[_PREFIX + "config"] = json.dumps(config.to_dict())
+            header[PREFIX + "config"] = json.dumps(config.to_dict())
         except TypeError as exc:
             raise TypeError(f"config cannot be written as JSON: {exc}") from exc
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a folder; give a file path")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(path)!r}: no such folder {str(path.parent)!r}")
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
@@ -163,83 +153,41 @@ def save_model(
         raise
 
 
-def _read_header(path: str | os.PathLike) -> dict[str, str]:
-    """The file's metadata, checked to be ours; clear errors for missing or foreign files."""
-    p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"{str(p)!r} is a folder; give the .safetensors file in it")
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: {str(p)!r}")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as exc:
-        raise ValueError(
-            f"cannot read {str(p)!r} as a safetensors file ({type(exc).__name__}: {exc}); "
-            "is it truncated or not a file written by tensorized.save_model?"
-        ) from exc
-    if header.get(_PREFIX + "format") != FORMAT_VERSION:
-        found = header.get(_PREFIX + "format")
-        raise ValueError(
-            f"{str(p)!r} was not written by tensorized.save_model (metadata "
-            f"'{_PREFIX}format' is {found!r}, expected {FORMAT_VERSION!r}); a plain "
-            "safetensors state dict loads with safetensors.torch.load_model"
-        )
-    return header
-
-
-def _json(header: Mapping[str, str], key: str, path: str | os.PathLike) -> Any:
-    try:
-        return json.loads(header[_PREFIX + key])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r}: metadata '{_PREFIX}{key}' is missing or corrupt") from exc
-
-
 def load_config(path: str | os.PathLike) -> TensorizeConfig | None:
-    """The :class:`~tensorized.TensorizeConfig` recorded by :func:`save_model`, or ``None``."""
-    header = _read_header(path)
-    if _PREFIX + "config" not in header:
+    """The :class:`~tensorized.TensorizeConfig` recorded by :func:`save_model`, or ``None``.
+
+    Raises:
+        ValueError: as :func:`load_model`, and for a recorded config that is not valid.
+    """
+    value = config_entry(read_layout(path), path)
+    if value is None:
         return None
-    return TensorizeConfig.from_dict(_json(header, "config", path))
-
-
-def _build_layer(spec: Mapping[str, Any], like: nn.Module, where: str) -> FactorizedLinear:
-    """An empty factorized layer of ``spec`` on ``like``'s device and dtype."""
     try:
-        rank = spec["rank"]
-        rank = tuple(rank) if isinstance(rank, list) else rank
-        param = next(like.parameters(), None)
-        weight = get_format(spec["factorization"]).empty(  # filled by load_state_dict
-            tuple(spec["in_modes"]),
-            tuple(spec["out_modes"]),
-            rank,
-            spec["n_layers"],
-            device=None if param is None else param.device,
-            dtype=None if param is None else param.dtype,
-        )
-        if not isinstance(spec["bias"], bool):
-            raise TypeError(f"bias must be a bool, got {spec['bias']!r}")
-        layer = FactorizedLinear.from_weight(
-            weight,
-            spec["bias"],
-            implementation=spec["implementation"],
-            checkpointing=spec["checkpointing"],
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"cannot rebuild layer {where!r} from its saved spec {spec}: {exc}"
-        ) from exc
-    if layer.rank != rank:  # a concrete rank must come back exactly
-        raise ValueError(f"layer {where!r}: saved rank {rank} rebuilt as {layer.rank}")
-    return layer
+        return TensorizeConfig.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r}: the recorded config is not valid: {exc}") from None
 
 
-def _check_target(model: nn.Module, place: Mapping[str, Any], spec: Mapping[str, Any]) -> nn.Module:
-    """The module now at ``place['name']``: an ``nn.Linear`` (or factorized layer) of the
+def _build_layer(spec: LayerSpec, like: nn.Module) -> FactorizedLinear:
+    """An empty factorized layer of a checked ``spec`` on ``like``'s device and dtype."""
+    param = next(like.parameters(), None)
+    weight = get_format(spec.factorization).empty(  # filled by load_state_dict
+        spec.in_modes,
+        spec.out_modes,
+        spec.rank,
+        spec.n_layers,
+        device=None if param is None else param.device,
+        dtype=None if param is None else param.dtype,
+    )
+    return FactorizedLinear.from_weight(
+        weight, spec.bias, implementation=spec.implementation, checkpointing=spec.checkpointing
+    )
+
+
+def _check_target(model: nn.Module, place: Place, spec: LayerSpec) -> nn.Module:
+    """The module now at ``place.name``: an ``nn.Linear`` (or factorized layer) of the
     recorded feature counts."""
-    name = place["name"]
+    name = place.name
     if not name:
         raise ValueError(
             "the saved model is itself a factorized layer: build it with FactorizedLinear(...) "
@@ -252,7 +200,7 @@ def _check_target(model: nn.Module, place: Mapping[str, Any], spec: Mapping[str,
             f"the saved model has a factorized layer at {name!r} but the given model has no "
             f"submodule there: build the same architecture before loading"
         ) from exc
-    out_f, in_f = math.prod(spec["out_modes"]), math.prod(spec["in_modes"])
+    out_f, in_f = math.prod(spec.out_modes), math.prod(spec.in_modes)
     if not isinstance(module, nn.Linear | FactorizedLinear | LinearView):
         raise ValueError(f"{name!r} is a {type(module).__name__}; expected an nn.Linear there")
     if (module.out_features, module.in_features) != (out_f, in_f):
@@ -316,28 +264,23 @@ def load_model(
         )
     path = file
     model = base
-    header = _read_header(path)
-    groups, places, aliases = (_json(header, k, path) for k in ("groups", "places", "aliases"))
+    layout = read_layout(path)  # the whole header checked against the tensors' shapes
     built: dict[str, FactorizedLinear] = {}
     swaps: list[tuple[str, nn.Module]] = []
-    for place in places:
-        group = place["group"]
-        if group not in groups:
-            raise ValueError(f"{str(path)!r}: place {place} names an unknown group")
-        target = _check_target(model, place, groups[group])
-        if group not in built:
-            built[group] = _build_layer(groups[group], target, group)
-        layer, index = built[group], place["index"]
-        swaps.append((place["name"], layer if index is None else LinearView(layer, index)))
+    for place in layout.places:
+        spec = layout.groups[place.group]
+        target = _check_target(model, place, spec)
+        if place.group not in built:
+            built[place.group] = _build_layer(spec, target)
+        layer = built[place.group]
+        swaps.append((place.name, layer if place.index is None else LinearView(layer, place.index)))
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(path))
     except Exception as exc:
         raise ValueError(f"cannot read the tensors of {str(path)!r}: {exc}") from exc
-    for key, source in aliases.items():
-        if source not in state:
-            raise ValueError(f"{str(path)!r}: alias {key!r} points to missing tensor {source!r}")
+    for key, source in layout.aliases.items():
         state[key] = state[source]
     done: list[tuple[str, nn.Module]] = []
     try:

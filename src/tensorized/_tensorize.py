@@ -65,16 +65,56 @@ def _find_targets(
         and not (config.exclude_modules is not None and _matches(n, config.exclude_modules))
         and (filter_fn is None or filter_fn(m, n))
     ]
+    tied = _ties(model, targets)
+    for n, others in tied.items():
+        warnings.warn(
+            f"layer {n!r} is left dense: its parameters are tied to {', '.join(others)} "
+            f"(factorizing it would break the tie and add parameters). To compress it, untie "
+            f"it first, e.g. model.{n}.weight = nn.Parameter(model.{n}.weight.detach().clone())",
+            UserWarning,
+            stacklevel=3,
+        )
+    targets = [(n, m) for n, m in targets if n not in tied]
     if not targets:
         found = ", ".join(f"{n!r} ({m.weight.numel()} weights)" for n, m in linears[:8])
         found = found + ", ..." if len(linears) > 8 else found or "none"
         raise ValueError(
             f"tensorize_ matched no layer: target_modules={config.target_modules!r}, "
             f"exclude_modules={config.exclude_modules!r}, min_params={config.min_params}"
-            f"{', filter_fn' if filter_fn else ''}. The model's plain nn.Linear modules "
-            f"(the model itself excluded): {found}"
+            f"{', filter_fn' if filter_fn else ''}{', untied' if tied else ''}. The model's "
+            f"plain nn.Linear modules (the model itself excluded): {found}"
         )
     return targets
+
+
+def _ties(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> dict[str, list[str]]:
+    """Targets whose weight or bias is also held by another module (the same parameter,
+    e.g. an output projection tied to the input embedding, or a tensor starting at the same
+    memory): ``name -> the other holders' parameter names``. A module registered under two
+    names is one holder (it is replaced everywhere at once)."""
+    holders: dict[object, list[tuple[nn.Module, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            where = (module, f"{name}.{pname}" if name else pname)
+            holders.setdefault(id(p), []).append(where)
+            if p.numel() and p.device.type != "meta":  # same first element: same memory
+                holders.setdefault(("ptr", p.device, p.data_ptr()), []).append(where)
+    tied: dict[str, list[str]] = {}
+    for n, m in targets:
+        others: dict[str, None] = {}
+        for p in (m.weight, m.bias):
+            if p is None:
+                continue
+            keys: list[object] = [id(p)]
+            if p.numel() and p.device.type != "meta":
+                keys.append(("ptr", p.device, p.data_ptr()))
+            for key in keys:
+                others.update({f"{q!r}": None for mod, q in holders.get(key, []) if mod is not m})
+        if others:
+            tied[n] = list(others)
+    return tied
 
 
 def _units(targets: list[tuple[str, nn.Linear]], joint: bool) -> list[_Unit]:

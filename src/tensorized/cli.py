@@ -2,15 +2,19 @@
 
 Commands: ``demo`` (train, compress and chart a small MLP), ``compress`` (apply
 :func:`~tensorized.tensorize_` to a saved model), ``inspect`` (list a saved model's factorized
-layers) and ``selfcheck`` (decompose a random weight with every format). Usage and input
-errors exit with code 2 and one line on stderr; failures while running exit with code 1.
+layers) and ``selfcheck`` (decompose a random weight with every format). Every error, of
+usage, of input or while running, prints one line on stderr and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,19 +24,29 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 from torch import nn
 
+from ._header import LayerSpec, read_layout
 from ._linear import FactorizedLinear, LinearView
 from ._loading import CLIError, _one_line, load_calibration, load_model
 from ._ops import frobenius_error
 from ._serialize import save_model
 from ._shapes import tensorize_shape
-from .formats import FORMATS
+from .formats import FORMATS, get_format
 
 if TYPE_CHECKING:  # imported where used: the CLI starts without loading it
     from ._tensorize import TensorizeConfig
 
-__all__ = ["CLIError", "format_table", "inspect_model", "main", "parse_rank", "selfcheck"]
+__all__ = [
+    "CLIError",
+    "format_table",
+    "inspect_file",
+    "inspect_model",
+    "main",
+    "parse_rank",
+    "selfcheck",
+]
 
 REGEX_CHARS = frozenset("\\^$*+?()[]{}|")
+MAX_SELFCHECK_SIZE = 4096  # a dense random weight and every format's decomposition of it
 
 
 def selfcheck(size: int = 256, fraction: float = 0.25) -> list[dict]:
@@ -43,19 +57,26 @@ def selfcheck(size: int = 256, fraction: float = 0.25) -> list[dict]:
         fraction: parameter budget as a fraction of the dense weight.
 
     Returns:
-        One row per format: name, ranks, parameters, relative error, seconds, and the
-        largest difference between ``contract`` and the dense product.
+        One row per format: name, ranks, parameters, relative error, seconds, the largest
+        difference between ``contract`` and the dense product, and a note (why a format
+        was skipped, e.g. a budget it cannot reach at this size; else empty).
     """
     gen = torch.Generator().manual_seed(0)
     low = torch.randn(size, size // 8, generator=gen) @ torch.randn(size // 8, size, generator=gen)
     weight = low / size**0.5 + 0.05 * torch.randn(size, size, generator=gen)
     x = torch.randn(16, size, generator=gen)
     ins, outs = tensorize_shape(size, size)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, cls in FORMATS.items():
         rank = "same" if cls.rank_kind == "none" else fraction
         start = time.perf_counter()
-        module = cls.from_matrix(weight, ins, outs, rank)
+        try:
+            module = cls.from_matrix(weight, ins, outs, rank)
+        except ValueError as exc:  # e.g. a budget this format cannot reach at this size
+            row = dict.fromkeys(("rank", "params", "fraction", "weight error"), "-")
+            rows.append({"format": name, **row, "seconds": "-", "contract gap": "-"})
+            rows[-1]["note"] = _one_line(exc)
+            continue
         seconds = time.perf_counter() - start
         with torch.no_grad():
             gap = (module.contract(x) - x @ module.to_matrix().T).abs().max().item()
@@ -69,6 +90,7 @@ def selfcheck(size: int = 256, fraction: float = 0.25) -> list[dict]:
                 "weight error": error,
                 "seconds": seconds,
                 "contract gap": gap,
+                "note": "",
             }
         )
     return rows
@@ -158,6 +180,46 @@ def _config(args: argparse.Namespace) -> TensorizeConfig:
     return TensorizeConfig.from_dict(values)
 
 
+def _output_folder(text: str, model: str, overwrite: bool) -> Path:
+    """The folder ``compress`` may write: never the input or a folder holding it, and an
+    existing non-empty folder only with ``--overwrite``."""
+    if not text.strip():
+        raise CLIError(f"--output must name a folder, got {text!r}")
+    out, source = Path(text).resolve(), Path(model).resolve()
+    if out == source or out in source.parents:
+        raise CLIError(
+            f"--output {text!r} is the input model {model!r} or holds it: compress never "
+            f"writes over its input; choose another folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output {text!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CLIError(
+            f"--output {text!r} is a folder that is not empty: give a new folder, or "
+            f"--overwrite to replace it"
+        )
+    if not out.parent.is_dir():
+        raise CLIError(f"--output {text!r}: its parent folder {str(out.parent)!r} does not exist")
+    return out
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished ``staging`` folder to ``out`` (replacing an old ``out`` only once
+    the new one is complete), so ``out`` is never half written."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out.name, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _compress(args: argparse.Namespace) -> int:
     from ._tensorize import tensorize_
 
@@ -165,9 +227,7 @@ def _compress(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     config = _config(args)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"output {str(out)!r} exists and is not a folder")
+    out = _output_folder(args.output, args.model, args.overwrite)
     model, hf_dir = load_model(args.model, quiet=args.quiet or args.json)
     data = None
     if args.calibration is not None:
@@ -178,11 +238,8 @@ def _compress(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         report = tensorize_(model, config, calibration_data=data)
     notes = list(dict.fromkeys(_one_line(w.message) for w in caught))
-    out.mkdir(parents=True, exist_ok=True)
     names = ("model.pt", "model.safetensors", "tensorize_config.json", "report.json")
     files = {n: out / n for n in names}
-    torch.save(model, files["model.pt"])
-    save_model(model, files["model.safetensors"], config=config)  # no pickle: load_model
     result = {
         "model": str(args.model),
         "config": config.to_dict(),
@@ -199,8 +256,19 @@ def _compress(args: argparse.Namespace) -> int:
         "warnings": notes,
         "files": {n: str(f) for n, f in files.items()},
     }
-    files["tensorize_config.json"].write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    files["report.json"].write_text(json.dumps(result, indent=2) + "\n")
+    # Everything is written to a fresh folder beside the output, then moved into place:
+    # a failure (a full disk, an interrupt) leaves the output as it was.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        torch.save(model, staging / "model.pt")
+        save_model(model, staging / "model.safetensors", config=config)  # no pickle
+        (staging / "tensorize_config.json").write_text(
+            json.dumps(config.to_dict(), indent=2) + "\n"
+        )
+        (staging / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if not args.quiet and not args.json:
         for note in notes:
             print(f"tensorized compress: warning: {note}", file=sys.stderr)
@@ -228,32 +296,59 @@ def inspect_model(model: nn.Module) -> dict[str, Any]:
     layers, views = [], []
     for name, m in model.named_modules():
         if isinstance(m, FactorizedLinear):
-            bias = m.out_features if m.bias is not None else 0
-            dense = m.n_layers * (m.in_features * m.out_features + bias)
-            params = sum(p.numel() for p in m.parameters())
-            layers.append(
-                {
-                    "name": name,
-                    "format": m.factorization,
-                    "in_features": m.in_features,
-                    "out_features": m.out_features,
-                    "in_modes": list(m.in_tensorized_features),
-                    "out_modes": list(m.out_tensorized_features),
-                    "rank": list(m.rank) if isinstance(m.rank, tuple) else m.rank,
-                    "n_layers": m.n_layers,
-                    "params": params,
-                    "dense_params": dense,
-                    "compression": dense / params,
-                }
-            )
+            layers.append(_layer_row(name, LayerSpec.of(m), sum(p.numel() for p in m.parameters())))
         elif isinstance(m, LinearView):
             views.append({"name": name, "index": m.indices, "parent": names.get(id(m.parent))})
-    total = sum(p.numel() for p in model.parameters())
     factorized = {
         id(p): p.numel() for l_ in layers for p in model.get_submodule(l_["name"]).parameters()
     }
-    fact = sum(factorized.values())
-    equivalent = total - fact + sum(l_["dense_params"] for l_ in layers)
+    total = sum(p.numel() for p in model.parameters())
+    return _inventory(layers, views, total, sum(factorized.values()))
+
+
+def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
+    """As :func:`inspect_model`, for a file written by :func:`~tensorized.save_model`, read
+    from its header alone (no weights loaded, no code run). The totals count stored
+    elements (``params``: parameters and buffers) since the header does not tell them apart.
+    """
+    layout = read_layout(path)
+    layers = []
+    for group, spec in layout.groups.items():
+        fmt = get_format(spec.factorization)
+        count = fmt.param_count(spec.in_modes, spec.out_modes, spec.rank, spec.n_layers)
+        bias = spec.n_layers * math.prod(spec.out_modes) if spec.bias else 0
+        layers.append(_layer_row(layout.module_name(group), spec, count + bias))
+    views = [
+        {"name": p.name, "index": p.index, "parent": layout.module_name(p.group)}
+        for p in layout.places
+        if p.index is not None
+    ]
+    total = sum(math.prod(shape) for shape in layout.shapes.values())
+    return _inventory(layers, views, total, sum(r["params"] for r in layers))
+
+
+def _layer_row(name: str, spec: LayerSpec, params: int) -> dict[str, Any]:
+    out_f, in_f = math.prod(spec.out_modes), math.prod(spec.in_modes)
+    bias = spec.n_layers * out_f if spec.bias else 0
+    dense = spec.n_layers * in_f * out_f + bias  # its n_layers nn.Linear s
+    return {
+        "name": name,
+        "format": spec.factorization,
+        "in_features": in_f,
+        "out_features": out_f,
+        "in_modes": list(spec.in_modes),
+        "out_modes": list(spec.out_modes),
+        "rank": list(spec.rank) if isinstance(spec.rank, tuple) else spec.rank,
+        "n_layers": spec.n_layers,
+        "params": params,
+        "dense_params": dense,
+        "compression": dense / params,
+    }
+
+
+def _inventory(layers: list[dict], views: list[dict], total: int, fact: int) -> dict[str, Any]:
+    """The layers, views and totals (``fact``: the factorized layers' parameters, once)."""
+    equivalent = total - fact + sum(r["dense_params"] for r in layers)
     totals = {
         "factorized_layers": len(layers),
         "views": len(views),
@@ -268,17 +363,24 @@ def inspect_model(model: nn.Module) -> dict[str, Any]:
 
 def _inspect(args: argparse.Namespace) -> int:
     p = Path(args.path)
-    if p.is_dir():
-        if not (p / "model.pt").is_file():
-            raise CLIError(f"{str(p)!r} is a folder without model.pt (a 'compress' output)")
-        p = p / "model.pt"
-    model, _ = load_model(p)
-    info = inspect_model(model)
+    if p.is_dir():  # a 'compress' output: its safetensors file needs no unpickling
+        found = [p / n for n in ("model.safetensors", "model.pt") if (p / n).is_file()]
+        if not found:
+            raise CLIError(
+                f"{str(p)!r} is a folder without model.safetensors or model.pt (a 'compress' "
+                f"output)"
+            )
+        p = found[0]
+    if p.suffix == ".safetensors":
+        info, kind = inspect_file(p), "safetensors file"
+    else:
+        model, _ = load_model(p)
+        info, kind = inspect_model(model), type(model).__name__
     if args.json:
         print(json.dumps({"path": str(p), **info}))
         return 0
     t = info["totals"]
-    print(f"{p}: {type(model).__name__}, {t['params']:,} parameters")
+    print(f"{p}: {kind}, {t['params']:,} parameters")
     if info["factorized"]:
         rows = [
             {
@@ -359,8 +461,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
-    if args.size < 8:
-        raise CLIError(f"--size must be >= 8, got {args.size}")
+    if not 8 <= args.size <= MAX_SELFCHECK_SIZE:
+        raise CLIError(f"--size must be in [8, {MAX_SELFCHECK_SIZE}], got {args.size}")
     if not 0 < args.rank <= 1:
         raise CLIError(f"--rank must be in (0, 1], got {args.rank}")
     ins, outs = tensorize_shape(args.size, args.size)
@@ -414,7 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     comp.add_argument("model", help="a .pt/.pth file or a model folder (trusted files only)")
-    comp.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    comp.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="output folder (new or empty)"
+    )
+    comp.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it is a folder with files"
+    )
     comp.add_argument(
         "--factorization", "-f", metavar="F", help="cp, tucker, tt, blocktt, lowrank, dense"
     )
@@ -466,7 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(handler=_compress)
 
     insp = sub.add_parser("inspect", help="list a saved model's factorized layers and sizes")
-    insp.add_argument("path", help="a .pt file or a folder with model.pt (trusted files only)")
+    insp.add_argument(
+        "path",
+        help="a .safetensors file from compress or save_model (read safely, header only), a "
+        ".pt file (unpickled: trusted files only) or a compress output folder",
+    )
     insp.add_argument("--json", action="store_true", help="print one JSON object")
     insp.set_defaults(handler=_inspect)
 
@@ -487,14 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except CLIError as exc:
-        error, code = _one_line(exc), 2
-    except (ValueError, TypeError, ImportError) as exc:  # bad options caught by the library
-        if args.command not in ("compress", "inspect"):
-            raise
-        error, code = _one_line(exc), 2
-    except (RuntimeError, OSError) as exc:
-        if args.command not in ("compress", "inspect"):
-            raise
-        error, code = f"{type(exc).__name__}: {_one_line(exc)}", 1
+        error = _one_line(exc)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except Exception as exc:  # every failure: one line, exit code 2
+        error = f"{type(exc).__name__}: {_one_line(exc)}"
     print(f"tensorized {args.command}: error: {error}", file=sys.stderr)
-    return code
+    return 2
