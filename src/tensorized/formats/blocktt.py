@@ -37,29 +37,36 @@ def _prepare_factorized(w: BlockTTFormat, layer: int | None) -> tuple[Tensor, ..
 def _apply_factorized(
     w: BlockTTFormat, x: Tensor, mats: tuple[Tensor, ...], bias: Tensor | None
 ) -> Tensor:
-    # Sweep left to right; t is laid out as (batch, out_<k, r_{k-1}, in_k, in_>k).
-    t = x
-    rest = w.in_features
-    for mat, i in zip(mats, w.in_modes):
-        rest //= i
-        t = mat @ t.reshape(-1, mat.shape[1], rest)
+    # Core by core, each one plain GEMM: t is the matrix (r_{k-1} * in_k * in_>k, columns)
+    # whose columns are (batch, out_<k); the product (out_k * r_k, in_>k * columns) then
+    # moves out_k behind the columns (one copy), so the next core's (r_k, in_{k+1}) lead.
+    # (A batch-first sweep needs broadcast batched GEMMs of batch * out_<k tiny products,
+    # several times slower on CPU.) The sizes are bound at construction (``_steps``).
+    t = x.T
+    cols = x.shape[0]
+    for mat, (o, k, rest) in zip(mats, w._steps):
+        y = mat @ t.reshape(k, rest * cols)  # (out_k * r_k, in_>k * columns)
+        t = y.view(o, -1, cols).permute(1, 2, 0)  # (r_k * in_>k, columns, out_k)
+        cols *= o
     return add_bias(t.reshape(x.shape[0], w.out_features), bias)
 
 
 def _products(s: WeightShape, batch: int) -> list[tuple[int, int, int, int]]:
-    out, done, rest = [], 1, s.in_features
+    out, cols, rest = [], batch, s.in_features
     for r, o, i, r_next in layer_shapes(s):
         rest //= i
-        out.append((o * r_next, r * i, rest, batch * done))
-        done *= o
+        out.append((o * r_next, r * i, rest * cols, 1))
+        cols *= o
     return out
 
 
 def _work_factorized(s: WeightShape, batch: int) -> Work:
     products = _products(s, batch)
-    # torch.matmul((m, k), (c, k, n)) folds into one GEMM on transposed copies: the
-    # (c, k, n) operand (when c > 1) and the (c, m, n) result; nothing when n == 1.
-    copied = sum((c * k * n if c > 1 else 0) + c * m * n for m, k, n, c in products if n > 1)
+    # x.T is copied once to be read as (in_1, in_>1 * batch) when batch > 1; each product
+    # is copied once as it moves out_k behind the columns (none when out_k == 1).
+    copied = s.in_features * batch if batch > 1 else 0
+    shapes = layer_shapes(s)
+    copied += sum(m * n for (m, _, n, _), shape in zip(products, shapes) if shape[1] > 1)
     return Work(layer_merge_work(s), products, prepare_numel=s.num_params, copied_numel=copied)
 
 
@@ -110,6 +117,13 @@ class BlockTTFormat(TrainFormat):
         for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes)):
             shapes.append((ranks[k + lead], o, i, ranks[k + lead + 1]))
         self.cores = nn.ParameterList([nn.Parameter(torch.empty(s, **factory)) for s in shapes])
+        # The factorized sweep over one layer's cores (the layer row absorbed, so the first
+        # left rank is 1): (out_k, r_{k-1} * in_k, prod of the in modes after k).
+        steps, rest = [], self.in_features
+        for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes)):
+            rest //= i
+            steps.append((o, (ranks[k + lead] if k else 1) * i, rest))
+        self._steps = tuple(steps)
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         m = len(self.out_modes)
