@@ -284,3 +284,89 @@ def test_record_inputs_rejects_bad_arguments():
         record_inputs(model, [model], [torch.randn(2, 4)])
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         record_inputs(lambda x: x, mods, [torch.randn(2, 4)])
+
+
+# --------------------------------------------------------------------------- sequential
+
+
+def test_sources_fit_the_original_outputs_from_the_shifted_inputs():
+    # X = S M^T exactly (M invertible): the layer that maps X to the original outputs
+    # S W^T + b is W M^{-1} (the ridge, ~1e-7 of the variance here, barely moves it).
+    torch.manual_seed(0)
+    n, d = 4096, 8
+    S = torch.randn(n, d, dtype=F64)
+    M = torch.eye(d, dtype=F64) + 0.3 * torch.randn(d, d, dtype=F64)
+    W, b = torch.randn(6, d, dtype=F64), torch.randn(6, dtype=F64)
+    layer = tz.FactorizedLinear(d, 6, factorization="dense", rank="same", dtype=F64)
+    res = tz.calibrate(layer, [W], [b], [S @ M.T], sources=[S])
+    torch.testing.assert_close(
+        layer.weight.to_matrix(), W @ torch.linalg.inv(M), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(layer.bias, b, rtol=1e-4, atol=1e-5)
+    assert res.after[0] < 1e-4 < res.before[0]
+    with pytest.raises(ValueError, match=r"sources\[0\] must be a tensor shaped like inputs\[0\]"):
+        tz.calibrate(layer, [W], [b], [S], sources=[S[:10]])
+
+
+class Chain(nn.Module):
+    """a -> tanh -> b, registered in the opposite order (b first) to the forward order."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(16, 16)
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _output_error(model, ref, x):
+    with torch.no_grad():
+        return float((model(x) - ref).norm() / ref.norm())
+
+
+def test_sequential_calibration_fits_later_layers_to_the_original_outputs():
+    torch.manual_seed(0)
+    original = Chain().double()
+    x_cal, x_test = torch.randn(2048, 16, dtype=F64), torch.randn(512, 16, dtype=F64)
+    with torch.no_grad():
+        ref = original(x_test)
+    errors, models = {}, {}
+    for mode in ("independent", "sequential"):
+        model = copy.deepcopy(original)
+        cfg = tz.TensorizeConfig(
+            factorization="lowrank", rank=4, min_params=0, calibration_mode=mode, progress=False
+        )
+        tz.tensorize_(model, cfg, calibration_data=list(x_cal.split(256)))
+        errors[mode], models[mode] = _output_error(model, ref, x_test), model
+    # layer a is fitted first in both modes (forward order), on the same inputs
+    torch.testing.assert_close(
+        models["sequential"].a.weight.to_matrix(), models["independent"].a.weight.to_matrix()
+    )
+    assert errors["sequential"] < errors["independent"], errors
+    # b was fitted on what the compressed a feeds it, to what the original b gave
+    with torch.no_grad():
+        shifted = torch.tanh(models["sequential"].a(x_cal))
+        exact = tz.FactorizedLinear.from_linear(original.b, factorization="lowrank", rank=4)
+        tz.calibrate(exact, [original.b.weight], [original.b.bias], [shifted],
+                     sources=[torch.tanh(original.a(x_cal))])  # fmt: skip
+    torch.testing.assert_close(
+        models["sequential"].b.weight.to_matrix(), exact.weight.to_matrix(), rtol=1e-8, atol=1e-8
+    )
+
+
+def test_sequential_calibration_reads_a_one_shot_stream_once():
+    torch.manual_seed(0)
+    model = Chain()
+    batches = [torch.randn(64, 16) for _ in range(4)]
+    taken = []
+
+    def stream():
+        for k, batch in enumerate(batches):
+            taken.append(k)
+            yield batch
+
+    cfg = tz.TensorizeConfig(factorization="lowrank", rank=4, min_params=0, progress=False)
+    report = tz.tensorize_(model, cfg, calibration_data=stream())
+    assert taken == [0, 1, 2, 3]  # read once, replayed for the second layer
+    assert all(row.output_error_after <= row.output_error_before for row in report)

@@ -393,3 +393,21 @@ def test_hugging_face_folder_needs_transformers(tiny_bert, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     code, _, err = run(capsys, "compress", tmp / "hf", "-o", tmp / "out")
     assert code == 2 and "needs transformers: pip install transformers" in err
+
+
+def test_compress_then_distill(mlp, capsys):
+    _, tmp = mlp
+    torch.save(torch.randn(256, 64), tmp / "heal.pt")
+    out = tmp / "healed"
+    code, stdout, err = run(
+        capsys, "compress", tmp / "mlp.pt", "-o", out, "-f", "tt", "-r", "0.3",
+        "--calibration", tmp / "calib.pt", "--distill", tmp / "heal.pt", "--distill-epochs", "3",
+        "--batch-size", "16", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    healed = json.loads(stdout)["distill"]
+    assert healed["after"] < healed["before"] and healed["epochs"] == 3
+    assert json.loads((out / "report.json").read_text())["distill"] == healed
+    code, _, err = run(capsys, "compress", tmp / "mlp.pt", "-o", tmp / "x", "--distill",
+                       tmp / "heal.pt", "--distill-epochs", "0")  # fmt: skip
+    assert code == 2 and "--distill-epochs must be >= 1" in err

@@ -499,7 +499,11 @@ def test_calibration_contract(monkeypatch):
             before=[0.5 + i for i in range(len(weights))], after=[0.25] * len(weights), steps=steps
         )
 
-    stub = types.SimpleNamespace(record_inputs=record_inputs, calibrate=calibrate)
+    from tensorized import _calibrate as real
+
+    stub = types.SimpleNamespace(
+        record_inputs=record_inputs, calibrate=calibrate, _check_data=real._check_data
+    )
     monkeypatch.setitem(sys.modules, "tensorized._calibrate", stub)
     data = [torch.randn(2, 8)]
     cfg = config(
@@ -509,6 +513,7 @@ def test_calibration_contract(monkeypatch):
         min_params=0,
         calibration_steps=17,
         calibration_rows=33,
+        calibration_mode="independent",
     )
     report = tensorize_(model, cfg, calibration_data=data)
     assert calls[0] == ("record", {"embed", "blocks.0.attn.q", "blocks.1.attn.q"}, data, 33, False)

@@ -8,6 +8,7 @@ their strategies and :func:`~tensorized.formats.register_format`) and
 from ._allocate import allocate_ranks
 from ._calibrate import CalibrationResult, calibrate, record_inputs
 from ._config import TensorizeConfig
+from ._distill import DistillReport, distill_
 from ._linear import FactorizedLinear
 from ._plan import Plan, StrategyCost, make_plan, plan_cache_info
 from ._ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
@@ -20,6 +21,7 @@ from .formats import FactorizedMatrix, get_format, register_format
 
 __all__ = [
     "CalibrationResult",
+    "DistillReport",
     "FactorizedLinear",
     "FactorizedMatrix",
     "LayerReport",
@@ -31,6 +33,7 @@ __all__ = [
     "TensorizeReport",
     "allocate_ranks",
     "calibrate",
+    "distill_",
     "get_format",
     "load_config",
     "load_model",

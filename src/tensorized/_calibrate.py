@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -186,6 +187,29 @@ def record_inputs(
     return out
 
 
+def call_order(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable) -> list[str]:
+    """The names of ``modules`` in the order the model first calls them on the first item
+    of ``data`` (eval mode, no gradients; modules it does not call are left out)."""
+    order: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(
+            lambda mod, args, n=n: order.append(n) if n not in order else None
+        )
+        for n, m in modules.items()
+    ]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, next(iter(data)), 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.train(flag)
+    return order
+
+
 def _has_length(data: object) -> bool:
     """Whether ``data`` says how many batches it holds (a ``DataLoader`` over an
     ``IterableDataset`` has ``__len__`` but raises ``TypeError`` from it)."""
@@ -202,39 +226,37 @@ def _full(reservoirs: Iterable[_Reservoir]) -> bool:
     return bool(ran) and all(r.seen >= r.size for r in ran)
 
 
-def _check_data(data: object) -> None:
+def _check_data(data: object, name: str = "calibration_data") -> None:
     hint = "an iterable of model inputs (e.g. a list of tensors, tuples or dicts, or a DataLoader)"
     if isinstance(data, Tensor | Mapping | str | bytes):
         raise TypeError(
-            f"calibration_data must be {hint}, got a single {type(data).__name__}; wrap one "
-            f"batch in a list: calibration_data=[batch]"
+            f"{name} must be {hint}, got a single {type(data).__name__}; wrap one batch in a "
+            f"list: {name}=[batch]"
         )
     if not isinstance(data, Iterable):
-        raise TypeError(f"calibration_data must be {hint}, got {type(data).__name__}")
+        raise TypeError(f"{name} must be {hint}, got {type(data).__name__}")
 
 
-def _call(model: nn.Module, item: object, k: int) -> None:
+def _call(model: nn.Module, item: object, k: int, what: str = "calibration_data") -> Any:
+    """``model`` on one item of ``what``: ``model(x)``, ``model(*x)`` or ``model(**x)``."""
     if isinstance(item, Tensor | Mapping | tuple | list):
         try:
             if isinstance(item, Tensor):
-                model(item)
-            elif isinstance(item, Mapping):
-                model(**item)
-            else:
-                model(*item)
+                return model(item)
+            if isinstance(item, Mapping):
+                return model(**item)
+            return model(*item)
         except (RuntimeError, ValueError, TypeError) as exc:  # re-raised naming the batch
-            message = f"calibration_data[{k}]: the model raised on this batch: {exc}"
+            message = f"{what}[{k}]: the model raised on this batch: {exc}"
             try:
                 new = type(exc)(message)
             except Exception:
                 new = RuntimeError(message)
             raise new from exc
-    else:
-        raise TypeError(
-            f"calibration_data[{k}] must be a Tensor (model(x)), a tuple or list of positional "
-            f"inputs (model(*x)) or a dict of keyword inputs (model(**x)), got "
-            f"{type(item).__name__}"
-        )
+    raise TypeError(
+        f"{what}[{k}] must be a Tensor (model(x)), a tuple or list of positional inputs "
+        f"(model(*x)) or a dict of keyword inputs (model(**x)), got {type(item).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------- fitting
@@ -284,24 +306,51 @@ class _Problem:
     """
 
     def __init__(
-        self, W: Tensor, b: Tensor | None, X: Tensor, held_out: float, seed: int, dtype: torch.dtype
+        self,
+        W: Tensor,
+        b: Tensor | None,
+        X: Tensor,
+        held_out: float,
+        seed: int,
+        dtype: torch.dtype,
+        source: Tensor | None = None,
     ) -> None:
         fit, held = (i.to(X.device) for i in holdout_split(X.shape[0], held_out, seed))
-        self.W = W.detach().to(F64)
-        self.b = torch.zeros_like(self.W[:, 0]) if b is None else b.detach().to(F64)
+        W = W.detach().to(F64)
+        b = torch.zeros_like(W[:, 0]) if b is None else b.detach().to(F64)
         Xf = X[fit].to(F64)
         self.n_fit, n_in = Xf.shape
         self.mean = Xf.mean(0)
         centred = Xf - self.mean  # (n_fit, in)
         self.gram = centred.T @ centred  # (in, in)
-        self.target_mean = self.W @ self.mean + self.b  # (out,)
-        norm_sq = (self.W @ self.gram * self.W).sum() + self.n_fit * self.target_mean.pow(2).sum()
-        self.norm_sq = max(float(norm_sq), torch.finfo(F64).tiny)
         # A ridge pulls What towards W in the input directions the rows barely excite (and
         # keeps G invertible when there are fewer rows than features): 10% of the mean
         # variance, shrinking as (features / rows)^2 once the rows outnumber the features.
         strength = 0.1 * min(1.0, n_in / self.n_fit) ** 2
         self.ridge = strength * float(self.gram.diagonal().mean())
+        if source is None:  # targets from the same rows: X W^T + b
+            self.W, self.b = W, b
+            self.target_mean = W @ self.mean + b  # (out,)
+            norm_sq = (W @ self.gram * W).sum() + self.n_fit * self.target_mean.pow(2).sum()
+            self.Y_held = X[held].to(F64) @ W.T + b
+        else:
+            # Sequential calibration: the rows X are the layer's inputs in the partially
+            # compressed model, the targets Y = S W^T + b come from the original inputs S of
+            # the same samples. ||X What^T + bhat - Y||^2 + ridge ||What - W||^2 equals, up
+            # to a constant, the same loss as above around the ridge regression
+            # W* = (Yc^T Xc + ridge W) (G + ridge I)^{-1} with the bias b* = mean(Y) - W* mu:
+            # the layer then corrects what the layers before it got wrong.
+            S = source.to(F64)
+            Yf = S[fit] @ W.T + b
+            self.target_mean = Yf.mean(0)
+            Yc = Yf - self.target_mean
+            eye = torch.eye(n_in, dtype=F64, device=X.device)
+            rhs = centred.T @ Yc + self.ridge * W.T  # (in, out)
+            self.W = torch.linalg.solve(self.gram + self.ridge * eye, rhs).T
+            self.b = self.target_mean - self.W @ self.mean
+            norm_sq = Yc.pow(2).sum() + self.n_fit * self.target_mean.pow(2).sum()
+            self.Y_held = S[held] @ W.T + b
+        self.norm_sq = max(float(norm_sq), torch.finfo(F64).tiny)
         # G = F F^T with few columns makes E G cheap: F from the eigenvectors of the smaller
         # Gram matrix, keeping eigenvalues above a thousandth of the ridge (the others change
         # the loss far less than the ridge does).
@@ -311,7 +360,6 @@ class _Problem:
         factor = centred.T @ vecs[:, keep] if small else vecs[:, keep] * lam[keep].sqrt()
         self.factor = factor if 2 * factor.shape[1] < n_in else None  # else E @ G is cheaper
         self.X_held = X[held]
-        self.Y_held = self.X_held.to(F64) @ self.W.T + self.b
         # the operands of the loss, in the working dtype
         self.W_work, self.mean_work = self.W.to(dtype), self.mean.to(dtype)
         self.G_work = (self.gram if self.factor is None else self.factor).to(dtype)
@@ -369,6 +417,28 @@ def _check_calibrate_args(
         raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
 
 
+def _or_none(items: Sequence[Tensor] | None, n: int) -> Sequence[Tensor | None]:
+    return [None] * n if items is None else items
+
+
+def _check_sources(sources: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
+    if isinstance(sources, Tensor) or not isinstance(sources, Sequence):
+        raise TypeError(f"sources must be None or a list of tensors, got {type(sources).__name__}")
+    if len(sources) != len(inputs):
+        raise ValueError(
+            f"sources must have one entry per layer ({len(inputs)}), got {len(sources)}"
+        )
+    for i, (S, X) in enumerate(zip(sources, inputs)):
+        if not isinstance(S, Tensor) or S.shape != X.shape:
+            got = tuple(S.shape) if isinstance(S, Tensor) else type(S).__name__
+            raise ValueError(
+                f"sources[{i}] must be a tensor shaped like inputs[{i}] {tuple(X.shape)} (the "
+                f"same rows, in the original model), got {got}"
+            )
+        if not S.is_floating_point() or not torch.isfinite(S).all():
+            raise ValueError(f"sources[{i}] must be a finite floating tensor ({S.dtype})")
+
+
 def calibrate(
     layer: FactorizedLinear,
     weights: Sequence[Tensor],
@@ -379,8 +449,10 @@ def calibrate(
     lr: float | None = None,
     holdout: float = 0.25,
     seed: int = 0,
+    sources: Sequence[Tensor] | None = None,
 ) -> CalibrationResult:
-    """Fit ``layer`` in place so that ``layer(X_i, indices=i) ~= X_i @ W_i.T + b_i``.
+    """Fit ``layer`` in place so that ``layer(X_i, indices=i) ~= X_i @ W_i.T + b_i`` (or
+    ``~= S_i @ W_i.T + b_i`` with ``sources``).
 
     The rows of each ``inputs[i]`` are split into fit and held-out rows
     (:func:`holdout_split`). The fit rows give a closed-form start where one is exact
@@ -402,11 +474,18 @@ def calibrate(
         lr: L-BFGS step multiplier; ``None`` uses 1 (the quasi-Newton step, scale-free).
         holdout: fraction of the rows held out to measure the error.
         seed: seed of the row split.
+        sources: for sequential calibration, ``n_layers`` tensors of the original model's
+            inputs ``S_i`` for the same samples (row for row) as ``inputs``, which are then
+            the inputs in the partially compressed model: the targets are the original
+            outputs ``S_i @ W_i.T + b_i``, so the layer also corrects the error of the
+            layers before it. ``None``: the targets come from ``inputs`` themselves.
 
     Returns:
         A :class:`CalibrationResult` with the held-out errors before and after.
     """
     _check_calibrate_args(layer, weights, biases, inputs, steps, lr, holdout)
+    if sources is not None:
+        _check_sources(sources, inputs)
     params = list(layer.parameters())
     flags = [p.requires_grad for p in params]
     training = layer.training
@@ -421,8 +500,9 @@ def calibrate(
             float(holdout),
             seed,
             work_dtype,
+            None if S is None else S.detach().to(device),
         )
-        for W, b, X in zip(weights, biases, inputs)
+        for W, b, X, S in zip(weights, biases, inputs, _or_none(sources, len(inputs)))
     ]
     try:
         layer.eval()

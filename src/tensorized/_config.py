@@ -113,6 +113,11 @@ class TensorizeConfig:
             read-only copy.
         calibration_steps: optimizer steps per layer (or group) with calibration data.
         calibration_rows: input rows recorded per layer for calibration.
+        calibration_mode: ``'sequential'``: layers are fitted in forward order, each on the
+            inputs it sees in the partially compressed model, to the outputs the original
+            layer gives on the original inputs of the same samples (so a layer corrects the
+            error of those before it); ``'independent'``: each layer on the original model's
+            inputs.
         progress: show a tqdm bar; ``None``: only when stderr is a terminal.
     """
 
@@ -128,6 +133,7 @@ class TensorizeConfig:
     decomposition_kwargs: Mapping[str, Any] = field(default_factory=dict)
     calibration_steps: int = 200
     calibration_rows: int = 4096
+    calibration_mode: str = "sequential"
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -145,6 +151,11 @@ class TensorizeConfig:
             if name != "order" or self.order is not None:
                 _check_int(name, getattr(self, name), low)
         _check_int("calibration_rows", self.calibration_rows, 1)
+        modes = "'sequential' or 'independent'"
+        if not isinstance(self.calibration_mode, str):
+            raise _bad("calibration_mode", self.calibration_mode, modes, TypeError)
+        if self.calibration_mode not in ("sequential", "independent"):
+            raise _bad("calibration_mode", self.calibration_mode, modes)
         strategies = ("auto", *get_format(self.factorization).strategy_names())
         if not isinstance(self.implementation, str):
             raise _bad("implementation", self.implementation, f"one of {strategies}", TypeError)

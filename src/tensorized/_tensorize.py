@@ -11,7 +11,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -173,8 +173,11 @@ def tensorize_(
         calibration_data: optional iterable of model inputs (a tensor ``x`` -> ``model(x)``,
             a tuple -> ``model(*x)``, a dict -> ``model(**x)``). The targets' inputs are
             recorded on the original model first (:func:`tensorized.record_inputs`),
-            then each new layer or group is fitted to its original's outputs on them
-            (:func:`tensorized.calibrate`, ``config.calibration_steps`` steps).
+            then each new layer or group is fitted to its original's outputs
+            (:func:`tensorized.calibrate`, ``config.calibration_steps`` steps): by default
+            (``config.calibration_mode='sequential'``) in forward order, each on the inputs
+            it sees with the layers before it already replaced (the data is read once and
+            replayed for each layer); with ``'independent'``, on the original inputs.
 
     Returns:
         A :class:`TensorizeReport`, one row per layer or joint group (weight errors are those
@@ -213,28 +216,47 @@ def tensorize_(
     if show is None:  # a bar only on a terminal (stderr may be replaced, e.g. by None)
         show = bool(getattr(sys.stderr, "isatty", lambda: False)())
     inputs = None
+    data: Iterable = () if calibration_data is None else calibration_data
+    order = list(range(len(units)))
+    sequential = calibration_data is not None and config.calibration_mode == "sequential"
     if calibration_data is not None:  # recorded before anything is built
-        from ._calibrate import record_inputs
+        from ._calibrate import _check_data, record_inputs
 
+        _check_data(data)
+        if sequential:  # replayed once per layer: the same samples, in the same order
+            data = _Replay(data)
         modules = {n: m for u in units for n, m in u.members}
         rows = config.calibration_rows
-        inputs = record_inputs(model, modules, calibration_data, max_rows=rows, progress=show)
+        inputs = record_inputs(model, modules, data, max_rows=rows, progress=show)
+        if sequential:
+            from ._calibrate import call_order
+
+            position = {n: k for k, n in enumerate(call_order(model, modules, data))}
+            last = len(position)
+            order.sort(key=lambda k: min(position.get(n, last) for n, _ in units[k].members))
     ranks = _ranks(units, config)
     params_before = sum(p.numel() for p in model.parameters())
     from tqdm import tqdm
 
-    built, report = [], []
-    for unit, rank in tqdm(list(zip(units, ranks)), "tensorize", unit="layer", disable=not show):
+    done: dict[int, FactorizedLinear] = {}
+    rows_of: dict[int, LayerReport] = {}
+    for k in tqdm(order, "tensorize", unit="layer", disable=not show):
+        unit, rank = units[k], ranks[k]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                new, row = _build(unit, rank, config, inputs)
+                seen = None
+                if sequential and done:
+                    built_so_far = [(units[j], done[j]) for j in done]
+                    seen = _inputs_after(model, built_so_far, unit, data, config.calibration_rows)
+                new, row = _build(unit, rank, config, inputs, seen)
             except Exception as exc:
                 raise _failure(exc, unit, rank, config) from exc
         for w in caught:  # re-issued naming the layer; the user's warning filters apply
             warnings.warn(f"layer {unit.name!r}: {w.message}", w.category, stacklevel=2)
-        built.append((unit, new))
-        report.append(row)
+        done[k], rows_of[k] = new, row
+    built = [(units[k], done[k]) for k in range(len(units))]
+    report = [rows_of[k] for k in range(len(units))]
     _swap(model, built)
     params_after = sum(p.numel() for p in model.parameters())
     return TensorizeReport(report, params_before, params_after)
@@ -256,9 +278,15 @@ def _ranks(units: list[_Unit], config: TensorizeConfig) -> list[Any]:
 
 
 def _build(
-    unit: _Unit, rank: Any, config: TensorizeConfig, inputs: Mapping[str, Tensor] | None
+    unit: _Unit,
+    rank: Any,
+    config: TensorizeConfig,
+    inputs: Mapping[str, Tensor] | None,
+    seen: Mapping[str, Tensor] | None = None,
 ) -> tuple[FactorizedLinear, LayerReport]:
-    """Decompose (and calibrate) one unit; the model is not touched."""
+    """Decompose (and calibrate) one unit; the model is not touched. ``inputs``: the
+    members' inputs in the original model; ``seen``: the same samples' inputs in the
+    partially compressed model (sequential calibration), or ``None``."""
     start = time.perf_counter()
     linears = [m for _, m in unit.members]
     options = dict(
@@ -284,7 +312,22 @@ def _build(
 
             biases = [None if m.bias is None else m.bias.detach() for m in linears]
             weights = [m.weight.detach() for m in linears]
-            res = calibrate(new, weights, biases, xs, steps=config.calibration_steps)
+            now = None if seen is None else [seen.get(n) for n, _ in unit.members]
+            if now is not None and any(
+                x is None or x.shape != s.shape for x, s in zip(now, xs)
+            ):  # the compressed model called the layer differently: fit on the originals
+                warnings.warn(
+                    "its inputs in the partially compressed model do not match the original "
+                    "rows: calibrated on the original model's inputs",
+                    stacklevel=2,
+                )
+                now = None
+            if now is None:
+                res = calibrate(new, weights, biases, xs, steps=config.calibration_steps)
+            else:
+                steps = config.calibration_steps
+                current = cast(list[Tensor], now)
+                res = calibrate(new, weights, biases, current, steps=steps, sources=xs)
             errors = (sum(res.before) / len(res.before), sum(res.after) / len(res.after))
     with torch.no_grad():
         error = frobenius_error(unit.weight(), new.weight.to_matrix())
@@ -310,6 +353,13 @@ def _build(
 
 def _swap(model: nn.Module, built: list[tuple[_Unit, FactorizedLinear]]) -> None:
     """Put each replacement at every place its original is registered; undone on failure."""
+    _swapped(model, built)
+
+
+def _swapped(
+    model: nn.Module, built: list[tuple[_Unit, FactorizedLinear]]
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """:func:`_swap`, returning what :func:`_unswap` needs to put the originals back."""
     new_for = {
         id(linear): new[i] if unit.joint else new
         for unit, new in built
@@ -327,6 +377,61 @@ def _swap(model: nn.Module, built: list[tuple[_Unit, FactorizedLinear]]) -> None
             done.append((parent, child_name, parent._modules[child_name]))
             setattr(parent, child_name, new)
     except BaseException:
-        for parent, child_name, old in reversed(done):
-            setattr(parent, child_name, old)
+        _unswap(done)
         raise
+    return done
+
+
+def _unswap(done: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for parent, child_name, old in reversed(done):
+        setattr(parent, child_name, old)
+
+
+def _inputs_after(
+    model: nn.Module,
+    built: list[tuple[_Unit, FactorizedLinear]],
+    unit: _Unit,
+    data: Iterable,
+    rows: int,
+) -> dict[str, Tensor]:
+    """The inputs ``unit``'s members see with the ``built`` layers in place (the model is
+    put back as it was): the same samples and rows as the first recording."""
+    from ._calibrate import record_inputs
+
+    undo = _swapped(model, built)
+    try:
+        return record_inputs(model, dict(unit.members), data, max_rows=rows)
+    finally:
+        _unswap(undo)
+
+
+class _Replay(Iterable):
+    """Calibration data read once, then replayed: every later pass sees the same batches in
+    the same order (a shuffling DataLoader would not), and a one-shot iterator can be read
+    again. Sized data is read whole; a stream only as far as the first pass reads it."""
+
+    def __init__(self, data: Iterable) -> None:
+        self.data, self.read = data, False
+        self.items: list[Any] = []
+        try:
+            self.length: int | None = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            self.length = None
+
+    def __iter__(self) -> Iterator:
+        if self.read:
+            return iter(self.items)
+        self.read = True
+        return self._first()
+
+    def _first(self) -> Iterator:
+        for item in self.data:
+            self.items.append(item)
+            yield item
+
+    def __len__(self) -> int:
+        if self.read:  # replays read exactly what the first pass read
+            return len(self.items)
+        if self.length is None:
+            raise TypeError("a stream")  # record_inputs then reads it as a bounded stream
+        return self.length

@@ -9,6 +9,8 @@ usage, of input or while running, prints one line on stderr and exits with code 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -234,9 +236,25 @@ def _compress(args: argparse.Namespace) -> int:
         data = load_calibration(
             args.calibration, model, hf_dir, batch_size=args.batch_size, max_length=args.max_length
         )
+    teacher, healing = None, None
+    if args.distill is not None:
+        if args.distill_epochs < 1:
+            raise CLIError(f"--distill-epochs must be >= 1, got {args.distill_epochs}")
+        healing = load_calibration(
+            args.distill, model, hf_dir, batch_size=args.batch_size, max_length=args.max_length
+        )
+        teacher = copy.deepcopy(model)  # the original, before anything is replaced
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = tensorize_(model, config, calibration_data=data)
+        distilled = None
+        if teacher is not None and healing is not None:
+            from ._distill import distill_
+
+            show = not (args.quiet or args.json)
+            distilled = distill_(
+                model, teacher, healing, epochs=args.distill_epochs, progress=show or None
+            )
     notes = list(dict.fromkeys(_one_line(w.message) for w in caught))
     names = ("model.pt", "model.safetensors", "tensorize_config.json", "report.json")
     files = {n: out / n for n in names}
@@ -256,6 +274,8 @@ def _compress(args: argparse.Namespace) -> int:
         "warnings": notes,
         "files": {n: str(f) for n, f in files.items()},
     }
+    if distilled is not None:
+        result["distill"] = dataclasses.asdict(distilled)
     # Everything is written to a fresh folder beside the output, then moved into place:
     # a failure (a full disk, an interrupt) leaves the output as it was.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -276,6 +296,8 @@ def _compress(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     elif not args.quiet:
         print(report)
+        if distilled is not None:
+            print(f"\n{distilled}")
         print(f"\nwrote {', '.join(str(f) for f in files.values())}")
     return 0
 
@@ -561,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--calibration-steps", type=int, metavar="N", help="optimizer steps per layer"
+    )
+    comp.add_argument(
+        "--distill",
+        metavar="FILE",
+        help="after compressing, distill from the original on these inputs (same forms as "
+        "--calibration; use other samples than the calibration's)",
+    )
+    comp.add_argument(
+        "--distill-epochs", type=int, default=1, metavar="N", help="distillation epochs"
     )
     comp.add_argument(
         "--batch-size", type=int, default=16, metavar="N", help="calibration batch size"
