@@ -517,6 +517,17 @@ def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     return y + (bias if bias.dtype is y.dtype else bias.to(y.dtype))
 
 
+def member(module: nn.Module, name: str) -> Any:
+    """``module.<name>`` for a parameter or submodule, read from nn.Module's registries:
+    the attribute itself goes through ``nn.Module.__getattr__`` (about 0.5 us each, most of
+    a batch-1 forward's Python). Anything else (a parametrized parameter, a property) is
+    read as an attribute."""
+    found: nn.Module | Tensor | None = module._parameters.get(name)
+    if found is None:
+        found = module._modules.get(name)
+    return getattr(module, name) if found is None else found
+
+
 def listed(params: nn.ParameterList) -> list[Tensor]:
     """The members of a ``ParameterList``, in order, read from its registry: iterating the
     list itself costs about a microsecond per member (it formats a string key for each),

@@ -18,7 +18,7 @@ from .._ops import khatri_rao
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed, member
 
 
 def _sizes(in_modes: Modes, out_modes: Modes, n_layers: int) -> tuple[int, ...]:
@@ -27,8 +27,8 @@ def _sizes(in_modes: Modes, out_modes: Modes, n_layers: int) -> tuple[int, ...]:
 
 def _split(w: CPFormat, layer: int | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Per-component scales (weights times the layer's row), out factors, in factors."""
-    factors = listed(w.factors)
-    scale: Tensor = w.weights
+    factors = listed(member(w, "factors"))
+    scale: Tensor = member(w, "weights")
     if w.n_layers > 1:
         scale = scale * factors.pop(0)[layer]
     m = w._n_out

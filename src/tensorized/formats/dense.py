@@ -12,11 +12,12 @@ from torch.nn import functional as F
 
 from .._shapes import Modes
 from ._strategy import Strategy, WeightShape, Work
-from .base import FactorizedMatrix, Option, layer_count
+from .base import FactorizedMatrix, Option, layer_count, member
 
 
 def _prepare(w: DenseFormat, layer: int | None) -> tuple[Tensor, ...]:
-    return (w._to_matrix(layer),)
+    weight = member(w, "weight")
+    return (weight if layer is None else weight[layer],)
 
 
 def _work(s: WeightShape, batch: int) -> Work:

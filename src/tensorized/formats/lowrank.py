@@ -12,12 +12,12 @@ from .. import decompose
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
-from .base import FactorizedMatrix, Option, balanced_std
+from .base import FactorizedMatrix, Option, balanced_std, member
 
 
 def _prepare_factorized(w: LowRankFormat, layer: int | None) -> tuple[Tensor, ...]:
     i = 0 if layer is None else layer
-    return w.V[i] * w.s[i], w.U[i]
+    return member(w, "V")[i] * member(w, "s")[i], member(w, "U")[i]
 
 
 def _work_factorized(s: WeightShape, batch: int) -> Work:

@@ -19,7 +19,16 @@ from .. import decompose
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, chain_work, layer_count, listed
+from .base import (
+    FactorizedMatrix,
+    Option,
+    add_bias,
+    balanced_std,
+    chain_work,
+    layer_count,
+    listed,
+    member,
+)
 
 
 def product(cores: list[Tensor]) -> Tensor:
@@ -88,7 +97,7 @@ class TrainFormat(FactorizedMatrix):
 
     def layer_cores(self, layer: int | None) -> list[Tensor]:
         """The cores of one layer: the layer core's row is absorbed into the next core."""
-        cores = listed(self.cores)
+        cores = listed(member(self, "cores"))
         if self.n_layers == 1:
             return cores
         row = cores[0][0, layer]  # (r,)

@@ -19,16 +19,17 @@ from .._ops import mode_dot, unfold
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed
+from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed, member
 
 
 def _core(w: TuckerFormat, layer: int | None) -> Tensor:
-    return w.core if layer is None else w.core[layer]
+    core = member(w, "core")
+    return core if layer is None else core[layer]
 
 
 def _prepare_factorized(w: TuckerFormat, layer: int | None) -> tuple[Tensor, ...]:
     core = _core(w, layer).reshape(w._core_rows, -1)
-    return (core, *listed(w.factors))
+    return (core, *listed(member(w, "factors")))
 
 
 def _apply_factorized(
@@ -88,7 +89,7 @@ def _prepare_kron(w: TuckerFormat, layer: int | None) -> tuple[Tensor, ...]:
     # into the side with the larger rank so that the apply step is two GEMMs through
     # min(R_in, R_out).
     m = len(w.out_modes)
-    factors = listed(w.factors)
+    factors = listed(member(w, "factors"))
     k_in, k_out = _kron(factors[m:]), _kron(factors[:m])
     core = _core(w, layer).reshape(k_out.shape[1], k_in.shape[1])
     if k_in.shape[1] <= k_out.shape[1]:
