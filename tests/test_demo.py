@@ -52,23 +52,23 @@ def test_accuracies(quick):
     for r in rows:
         assert math.isclose(r["accuracy"] * n_test, round(r["accuracy"] * n_test), abs_tol=1e-3)
     # The least aggressive budget stays within 2 points of the uncompressed model once
-    # calibrated or fine-tuned.
+    # calibrated or distilled.
     top = max(demo.QUICK_BUDGETS)
     for fmt in demo.QUICK_FORMATS:
         acc = {
             r["variant"]: r["accuracy"] for r in rows if (r["format"], r["budget"]) == (fmt, top)
         }
-        assert acc["fine-tuned"] >= base - 0.02, (fmt, acc, base)
-        assert max(acc["calibrated"], acc["fine-tuned"]) >= base - 0.02
+        assert acc["distilled"] >= base - 0.02, (fmt, acc, base)
+        assert max(acc["calibrated"], acc["distilled"]) >= base - 0.02
         # Calibration recovers part of what plain decomposition loses at that budget.
         assert acc["calibrated"] >= acc["plain"]
-    # Fine-tuning recovers from the harshest budget.
+    # Distillation recovers from the harshest budget.
     low = min(demo.QUICK_BUDGETS)
     for fmt in demo.QUICK_FORMATS:
         acc = {
             r["variant"]: r["accuracy"] for r in rows if (r["format"], r["budget"]) == (fmt, low)
         }
-        assert acc["fine-tuned"] > acc["plain"]
+        assert acc["distilled"] > acc["plain"]
 
 
 def test_baseline_accuracy_recomputed(quick):

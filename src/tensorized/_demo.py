@@ -7,8 +7,8 @@ seeded split. Its first two layers (97% of the weights) are compressed with
 
 * ``plain``: decomposition of the weights only;
 * ``calibrated``: plus activation-aware calibration on batches of training inputs;
-* ``fine-tuned``: the calibrated model after a short fine-tune (Adam, low learning rate)
-  on the training set.
+* ``distilled``: the calibrated model healed by :func:`tensorized.distill_` from the
+  uncompressed model on the training inputs (no labels): the full pipeline.
 
 Each row gives the parameters, the compression of the whole model, the test accuracy and
 the inference latency of a batch of 256 (median of timed passes, interleaved with the
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ._config import TensorizeConfig
+from ._distill import distill_
 from ._linear import FactorizedLinear
 from ._tensorize import tensorize_
 
@@ -56,11 +57,11 @@ FORMATS = ("tucker", "tt", "blocktt", "cp", "lowrank")
 BUDGETS = (0.5, 0.25, 0.1)
 QUICK_FORMATS = ("tucker", "blocktt")
 QUICK_BUDGETS = (0.5, 0.1)
-VARIANTS = ("plain", "calibrated", "fine-tuned")
+VARIANTS = ("plain", "calibrated", "distilled")
 TARGETS = ("0", "2")  # 64 -> 256 and 256 -> 256; the 10-way head stays dense
 LATENCY_BATCH = 256
 # CP-ALS at half the parameters has ranks in the hundreds (R^3 solves per iteration): a few
-# iterations from the SVD start get most of the way; calibration and fine-tuning do the rest.
+# iterations from the SVD start get most of the way; calibration and distillation do the rest.
 DECOMPOSITION_KWARGS = {"cp": {"n_iter_max": 10}}
 
 
@@ -183,7 +184,7 @@ def run_demo(
     formats: Sequence[str] | None = None,
     budgets: Sequence[float] | None = None,
     epochs: int = 20,
-    finetune_epochs: int = 2,
+    distill_epochs: int = 2,
     repeats: int = 15,
     progress: Callable[[str], Any] | None = None,
 ) -> list[dict[str, Any]]:
@@ -200,7 +201,7 @@ def run_demo(
         budgets: fractions of the hidden layers' weight parameters to keep; default
             :data:`BUDGETS` (or the quick ones).
         epochs: training epochs of the uncompressed model.
-        finetune_epochs: epochs of the fine-tuned variant (learning rate 3e-4).
+        distill_epochs: epochs of the distilled variant (``distill_``'s default step).
         repeats: timed forward passes per model (the median is reported).
         progress: called with a line of text after each row (e.g. ``print``); ``None``: silent.
 
@@ -210,7 +211,7 @@ def run_demo(
         params), ``accuracy`` (test, in [0, 1]), ``latency_ms`` (median per batch of 256),
         ``latency_ratio`` (latency / the baseline's measured alongside),
         ``merged_latency_ratio`` (the same with every factorized layer merged), ``seconds`` (time to
-        compress, calibrate and fine-tune) and ``warnings``.
+        compress, calibrate and distill) and ``warnings``.
     """
     formats = tuple(formats or (QUICK_FORMATS if quick else FORMATS))
     budgets = tuple(budgets or (QUICK_BUDGETS if quick else BUDGETS))
@@ -220,7 +221,7 @@ def run_demo(
     say = progress or (lambda line: None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        rows = _run(formats, budgets, seed, epochs, finetune_epochs, repeats, say)
+        rows = _run(formats, budgets, seed, epochs, distill_epochs, repeats, say)
     if out_dir is not None:
         write_outputs(rows, out_dir, say)
     return rows
@@ -231,7 +232,7 @@ def _run(
     budgets: Sequence[float],
     seed: int,
     epochs: int,
-    finetune_epochs: int,
+    distill_epochs: int,
     repeats: int,
     say: Callable[[str], Any],
 ) -> list[dict[str, Any]]:
@@ -272,16 +273,17 @@ def _run(
                 t0 = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    if variant == "fine-tuned":  # continues from the calibrated model
+                    if variant == "distilled":  # continues from the calibrated model
                         model = copy.deepcopy(calibrated)
-                        train(model, x_train, y_train, epochs=finetune_epochs, lr=3e-4, seed=seed)
+                        inputs = list(x_train.split(64))  # unlabeled: the teacher's outputs
+                        distill_(model, base, inputs, epochs=distill_epochs, progress=False)
                     else:
                         model = copy.deepcopy(base)
                         data = calibration if variant == "calibrated" else None
                         tensorize_(model, config, calibration_data=data)
                         calibrated = model
                 seconds = time.perf_counter() - t0
-                if variant == "fine-tuned":
+                if variant == "distilled":
                     seconds += rows[-1]["seconds"]
                 mine, theirs = _latency(model, base, x_lat, repeats)
                 _merge_all(model, True)
@@ -394,7 +396,7 @@ def write_plot(
     # Left: every point; right: the same, zoomed on the last few points of accuracy.
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     colors = dict(zip(FORMATS, ("C0", "C1", "C2", "C3", "C4")))
-    styles = {"plain": ":", "calibrated": "--", "fine-tuned": "-"}
+    styles = {"plain": ":", "calibrated": "--", "distilled": "-"}
     for ax in axes:
         for fmt in dict.fromkeys(r["format"] for r in rows[1:]):
             for variant in VARIANTS:

@@ -16,9 +16,10 @@ def khatri_rao(factors: Sequence[Tensor]) -> Tensor:
     tensor whose modes are in the order of ``factors``.
     """
     out = factors[0]
-    for f in factors[1:]:
-        out = (out.unsqueeze(1) * f.unsqueeze(0)).reshape(-1, f.shape[-1])
-    return out
+    rank = out.shape[-1]
+    for f in factors[1:]:  # (rows so far, 1, R) * (n_k, R): one broadcast product per factor
+        out = out.reshape(-1, 1, rank) * f
+    return out.reshape(-1, rank)
 
 
 def mode_dot(tensor: Tensor, matrix: Tensor, axis: int) -> Tensor:
