@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -203,3 +204,11 @@ class TensorizeConfig:
         if unknown:
             raise ValueError(f"unknown TensorizeConfig keys {unknown}; valid keys: {valid}")
         return cls(**d)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: ``progress`` itself, or for ``None`` only when stderr
+    is a terminal (it may be replaced, e.g. by ``None``)."""
+    if progress is not None:
+        return progress
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._calibrate import _call, _check_data
+from ._config import show_progress
 from ._linear import FactorizedLinear
 
 __all__ = ["DistillReport", "distill_"]
@@ -99,8 +100,8 @@ def _squared_errors(student: Any, teacher: Any) -> tuple[Tensor, Tensor]:
 def _held_out_error(model: nn.Module, teacher: nn.Module, batches: list[Any]) -> float:
     err = norm = 0.0
     with torch.no_grad():
-        for item in batches:
-            e, n = _squared_errors(_call(model, item, 0, "data"), _call(teacher, item, 0, "data"))
+        for k, item in enumerate(batches):
+            e, n = _squared_errors(_call(model, item, k, "data"), _call(teacher, item, k, "data"))
             err, norm = err + float(e), norm + float(n)
     return err / max(norm, torch.finfo(F64).tiny)
 
@@ -211,11 +212,7 @@ def distill_(
         )
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in [*model.modules(), *teacher.modules()]}
-    show = progress
-    if show is None:
-        import sys
-
-        show = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    show = show_progress(progress)
     try:
         teacher.eval()
         model.eval()  # dropout off: a deterministic student makes the loss comparable

@@ -13,6 +13,7 @@ compares its parameter shapes with the tensors the header lists: a spec that cla
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -54,6 +55,11 @@ class LayerSpec:
             layer.implementation,
             layer.checkpointing,
         )
+
+    @property
+    def bias_params(self) -> int:
+        """Elements of the bias: ``(n_layers, out_features)``, or none."""
+        return self.n_layers * math.prod(self.out_modes) if self.bias else 0
 
     def to_dict(self) -> dict[str, Any]:
         rank = list(self.rank) if isinstance(self.rank, tuple) else self.rank

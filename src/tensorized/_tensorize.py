@@ -8,7 +8,6 @@ the report :class:`tensorized.TensorizeReport`.
 from __future__ import annotations
 
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,7 +17,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ._config import TensorizeConfig
+from ._calibrate import _has_length
+from ._config import TensorizeConfig, show_progress
 from ._linear import FactorizedLinear
 from ._ops import frobenius_error
 from ._report import LayerReport, TensorizeReport
@@ -212,9 +212,7 @@ def tensorize_(
     for u in units:
         out_features, in_features = u.members[0][1].weight.shape
         u.in_modes, u.out_modes = tensorize_shape(in_features, out_features, config.order)
-    show = config.progress
-    if show is None:  # a bar only on a terminal (stderr may be replaced, e.g. by None)
-        show = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    show = show_progress(config.progress)
     inputs = None
     data: Iterable = () if calibration_data is None else calibration_data
     order = list(range(len(units)))
@@ -351,15 +349,11 @@ def _build(
     return new, row
 
 
-def _swap(model: nn.Module, built: list[tuple[_Unit, FactorizedLinear]]) -> None:
-    """Put each replacement at every place its original is registered; undone on failure."""
-    _swapped(model, built)
-
-
-def _swapped(
+def _swap(
     model: nn.Module, built: list[tuple[_Unit, FactorizedLinear]]
 ) -> list[tuple[nn.Module, str, nn.Module]]:
-    """:func:`_swap`, returning what :func:`_unswap` needs to put the originals back."""
+    """Put each replacement at every place its original is registered (undone on failure);
+    returns what :func:`_unswap` needs to put the originals back."""
     new_for = {
         id(linear): new[i] if unit.joint else new
         for unit, new in built
@@ -398,7 +392,7 @@ def _inputs_after(
     put back as it was): the same samples and rows as the first recording."""
     from ._calibrate import record_inputs
 
-    undo = _swapped(model, built)
+    undo = _swap(model, built)
     try:
         return record_inputs(model, dict(unit.members), data, max_rows=rows)
     finally:
@@ -413,10 +407,7 @@ class _Replay(Iterable):
     def __init__(self, data: Iterable) -> None:
         self.data, self.read = data, False
         self.items: list[Any] = []
-        try:
-            self.length: int | None = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            self.length = None
+        self.length = len(data) if _has_length(data) else None  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator:
         if self.read:

@@ -338,8 +338,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     for group, spec in layout.groups.items():
         fmt = get_format(spec.factorization)
         count = fmt.param_count(spec.in_modes, spec.out_modes, spec.rank, spec.n_layers)
-        bias = spec.n_layers * math.prod(spec.out_modes) if spec.bias else 0
-        layers.append(_layer_row(layout.module_name(group), spec, count + bias))
+        layers.append(_layer_row(layout.module_name(group), spec, count + spec.bias_params))
     views = [
         {"name": p.name, "index": p.index, "parent": layout.module_name(p.group)}
         for p in layout.places
@@ -351,8 +350,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def _layer_row(name: str, spec: LayerSpec, params: int) -> dict[str, Any]:
     out_f, in_f = math.prod(spec.out_modes), math.prod(spec.in_modes)
-    bias = spec.n_layers * out_f if spec.bias else 0
-    dense = spec.n_layers * in_f * out_f + bias  # its n_layers nn.Linear s
+    dense = spec.n_layers * in_f * out_f + spec.bias_params  # its n_layers nn.Linear s
     return {
         "name": name,
         "format": spec.factorization,
