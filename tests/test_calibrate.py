@@ -370,3 +370,103 @@ def test_sequential_calibration_reads_a_one_shot_stream_once():
     report = tz.tensorize_(model, cfg, calibration_data=stream())
     assert taken == [0, 1, 2, 3]  # read once, replayed for the second layer
     assert all(row.output_error_after <= row.output_error_before for row in report)
+
+
+# --------------------------------------------------------------------------- Kronecker start
+
+
+def _kron_gram(modes, seed=0):
+    """A Kronecker-product covariance over ``modes`` and its factors (each well conditioned)."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = []
+    for n in modes:
+        A = torch.randn(n, n, generator=gen, dtype=F64)
+        factors.append(A @ A.T + 0.5 * torch.eye(n, dtype=F64))
+    C = factors[0]
+    for c in factors[1:]:
+        C = torch.kron(C, c)
+    return C, factors
+
+
+def _root(C):
+    lam, vecs = torch.linalg.eigh(C)
+    return (vecs * lam.sqrt()) @ vecs.T, (vecs / lam.sqrt()) @ vecs.T
+
+
+def test_kronecker_factors_recover_a_kronecker_product():
+    from tensorized._ops import kronecker_factors
+
+    C, factors = _kron_gram((3, 4, 2))
+    got = kronecker_factors(C, (3, 4, 2))
+    for g, c in zip(got, factors):  # equal up to scale: compare normalized
+        torch.testing.assert_close(g / g.norm(), c / c.norm(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize(
+    ("fmt", "rank"), [("tucker", (2, 3, 2, 3, 2, 2)), ("tt", 3), ("blocktt", 3)]
+)
+def test_kronecker_whitened_start_is_the_whitened_decomposition(fmt, rank, n_layers):
+    # Oracle: the full whitening S = C^{1/2} (a 24 x 24 matrix, not per mode), the format's
+    # plain decomposition of W S (deterministic SVD-based for these formats), times S^{-1}.
+    from tensorized.formats import FORMATS
+
+    ins, outs = (3, 4, 2), (2, 5, 3)
+    C, _ = _kron_gram(ins)
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(n_layers, 30, 24, generator=gen, dtype=F64)
+    W = W if n_layers > 1 else W[0]
+    S, S_inv = _root(C)
+    oracle = FORMATS[fmt].from_matrix(W @ S, ins, outs, rank)
+    fm = FORMATS[fmt](ins, outs, rank, n_layers, dtype=F64)
+    assert fm.fit_kronecker_whitened(W, C)
+    for i in range(n_layers):
+        layer = i if n_layers > 1 else None
+        expected = oracle.to_matrix(layer).detach() @ S_inv
+        torch.testing.assert_close(fm.to_matrix(layer).detach(), expected, rtol=1e-8, atol=1e-8)
+
+
+def test_kronecker_whitened_cp_beats_the_plain_decomposition_in_the_whitened_norm():
+    from tensorized.formats import FORMATS
+
+    ins, outs = (3, 4, 2), (2, 5, 3)
+    C, _ = _kron_gram(ins)
+    W = torch.randn(30, 24, generator=torch.Generator().manual_seed(2), dtype=F64)
+
+    def loss(fm):
+        E = fm.to_matrix().detach() - W
+        return float(((E @ C) * E).sum())
+
+    fm = FORMATS["cp"](ins, outs, 6, dtype=F64)
+    assert fm.fit_kronecker_whitened(W, C)
+    assert loss(fm) < loss(FORMATS["cp"].from_matrix(W, ins, outs, 6))
+
+
+def test_formats_without_per_mode_factors_decline_the_kronecker_start():
+    from tensorized.formats import FORMATS
+
+    fm = FORMATS["lowrank"]((4, 6), (4, 6), 3, dtype=F64)
+    before = [p.detach().clone() for p in fm.parameters()]
+    assert not fm.fit_kronecker_whitened(torch.randn(24, 24, dtype=F64), torch.eye(24, dtype=F64))
+    assert all(torch.equal(a, p) for a, p in zip(before, fm.parameters()))
+
+
+@pytest.mark.parametrize("fmt", ["tucker", "tt", "blocktt", "cp"])
+def test_calibration_start_uses_the_kronecker_whitening_of_separable_inputs(fmt):
+    # Inputs with a separable covariance across the in modes: the whitened start alone
+    # (steps=0) must beat the weight-only decomposition on held-out outputs.
+    ins, outs = (4, 4, 4), (4, 4, 4)
+    _, factors = _kron_gram(ins, seed=3)
+    A = factors[0] @ factors[0]
+    for c in factors[1:]:
+        A = torch.kron(A, c @ c)  # strongly anisotropic, Kronecker-structured
+    X = torch.randn(2048, 64, generator=torch.Generator().manual_seed(4), dtype=F64) @ A
+    src = nn.Linear(64, 64, dtype=F64)
+    W, b = src.weight.detach(), src.bias.detach()
+    layer = tz.FactorizedLinear.from_linear(src, ins, outs, RANK[fmt], factorization=fmt)
+    plain = copy.deepcopy(layer)
+    with torch.no_grad():  # the plain start's best bias (least squares over all rows)
+        W_plain = plain.weight.to_matrix()
+        plain.bias.copy_(b + (X @ (W - W_plain).T).mean(0))
+    calibrate(layer, [W], [b], [X], steps=0)
+    assert oracle_error(layer, W, b, X) < oracle_error(plain, W, b, X)

@@ -11,7 +11,12 @@ their inputs; :func:`calibrate` fits a :class:`~tensorized.FactorizedLinear` to 
    Language Model Compression", 2024) and ASVD (Yuan et al., "ASVD: Activation-aware Singular
    Value Decomposition for Compressing Large Language Models", 2023), computed as
    ``U_r U_r^T W`` with ``U_r`` the leading eigenvectors of ``W C W^T`` (``S`` is never
-   inverted). Any format then gets the least-squares bias.
+   inverted). The tensor formats (Tucker, TT, TT-matrix, CP) have no exact closed form;
+   they start from their decomposition in a Kronecker-factored approximation of that norm
+   (``S ~ S_1 (x) ... (x) S_d`` over the in modes, from partial traces of ``S S^T``): the
+   whitened tensor ``W x_k S_k`` is decomposed and ``S_k^{-1}`` folded back into the factor
+   carrying in mode ``k``, which keeps the format (kept only where it lowers the fit loss).
+   Any format then gets the least-squares bias.
 2. L-BFGS with a strong Wolfe line search (Liu & Nocedal, Math. Programming 45, 1989) on all
    factors and the bias, full batch. The output MSE of the fit rows only depends on their
    mean and Gram matrix ``G`` (``tr(E G E^T)`` plus a mean term, ``E = What - W``), so a step
@@ -555,20 +560,70 @@ def _bias(layer: FactorizedLinear, i: int) -> Tensor | None:
 
 @torch.no_grad()
 def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
-    """Data-aware start: the format's closed-form fit in the input-weighted norm where it
-    has one (``FactorizedMatrix.fit_closed_form``), then the least-squares bias."""
+    """Data-aware start. A format with an exact closed form in the input-weighted norm
+    (``FactorizedMatrix.fit_closed_form``: 'lowrank', 'dense') takes it; the tensor formats
+    take their Kronecker-whitened decomposition (``fit_kronecker_whitened``) of the targets
+    when its fit loss is lower than the layer's current one. Then the least-squares bias."""
     weight = layer.weight
-    for i, prob in enumerate(problems):
-        # The input second moment, centred when the bias absorbs the mean.
+    joint = layer.n_layers > 1
+    grams = []
+    for prob in problems:  # the input second moment (centred when the bias absorbs the mean)
         C = prob.gram
         if layer.bias is None:
             C = C + prob.n_fit * torch.outer(prob.mean, prob.mean)
-        weight.fit_closed_form(i if layer.n_layers > 1 else None, prob.W, C)
+        grams.append(C)
+    if type(weight).closed_form_exact:
+        for i, (prob, C) in enumerate(zip(problems, grams)):
+            weight.fit_closed_form(i if joint else None, prob.W, C)
+        _fit_bias(layer, problems)
+        return
+    _fit_bias(layer, problems)
+    current, loss = _snapshot(layer), _fit_loss(layer, problems)
+    targets = torch.stack([prob.W for prob in problems]) if joint else problems[0].W
+    # One Kronecker factorization for all layers: the mean of their normalized grams, with
+    # the ridge of the fit loss (which also keeps the per-mode factors invertible).
+    eye = torch.eye(grams[0].shape[0], dtype=F64, device=grams[0].device)
+    gram = sum(
+        (C + p.ridge * eye) / (C.diagonal().mean() + p.ridge) for C, p in zip(grams, problems)
+    )
+    gram = gram / len(grams)
+    if weight.fit_kronecker_whitened(targets, gram):
+        _fit_bias(layer, problems)
+        if not _fit_loss(layer, problems) < loss:
+            _restore(layer, current)
+
+
+def _fit_bias(layer: FactorizedLinear, problems: list[_Problem]) -> None:
+    """The least-squares bias of each layer index for its current weight."""
     for i, prob in enumerate(problems):
         bias = _bias(layer, i)
         if bias is not None:
-            W_hat = weight.to_matrix(i if layer.n_layers > 1 else None).to(F64)
+            W_hat = layer.weight.to_matrix(i if layer.n_layers > 1 else None).to(F64)
             bias.copy_(prob.target_mean - W_hat @ prob.mean)
+
+
+def _terms(
+    layer: FactorizedLinear, prob: _Problem, i: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(What, E, E G, mean term)`` of layer index ``i``'s fit loss (``What`` carries the
+    autograd graph when gradients are enabled)."""
+    W_hat = layer.weight.to_matrix(i if layer.n_layers > 1 else None)
+    E = W_hat.detach() - prob.W_work
+    at_mean = W_hat @ prob.mean_work - prob.t_mean_work
+    bias = _bias(layer, i)
+    if bias is not None:
+        at_mean = at_mean + bias
+    return W_hat, E, prob.times_gram(E), prob.n_fit * at_mean.pow(2).sum()
+
+
+@torch.no_grad()
+def _fit_loss(layer: FactorizedLinear, problems: list[_Problem]) -> float:
+    """The relative fit loss summed over layer indices (what L-BFGS minimizes)."""
+    total = 0.0
+    for i, prob in enumerate(problems):
+        _, E, EG, mean_term = _terms(layer, prob, i)
+        total += float((EG * E).sum() + mean_term) / prob.norm_sq
+    return total
 
 
 def _loss_backward(layer: FactorizedLinear, problems: list[_Problem]) -> Tensor:
@@ -581,14 +636,7 @@ def _loss_backward(layer: FactorizedLinear, problems: list[_Problem]) -> Tensor:
     """
     value = 0.0
     for i, prob in enumerate(problems):
-        W_hat = layer.weight.to_matrix(i if layer.n_layers > 1 else None)
-        E = W_hat.detach() - prob.W_work
-        EG = prob.times_gram(E)
-        at_mean = W_hat @ prob.mean_work - prob.t_mean_work
-        bias = _bias(layer, i)
-        if bias is not None:
-            at_mean = at_mean + bias
-        mean_term = prob.n_fit * at_mean.pow(2).sum()
+        W_hat, E, EG, mean_term = _terms(layer, prob, i)
         surrogate = (2 * (W_hat * EG).sum() + mean_term) / prob.norm_sq
         surrogate.backward()
         value += float((EG * E).sum() + mean_term.detach()) / prob.norm_sq

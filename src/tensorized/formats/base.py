@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._index import normalize_index
+from .._ops import kronecker_factors, mode_dot, symmetric_root
 from .._shapes import Modes, validate_modes
 from ._strategy import Gemm, Strategy, WeightShape
 
@@ -457,6 +458,48 @@ class FactorizedMatrix(nn.Module):
         ``||(W - What) S||_F`` (``S S^T = gram``, the input second moment), if the format has
         a closed form. Returns whether it did (default: no closed form)."""
         return False
+
+    @torch.no_grad()
+    def fit_kronecker_whitened(
+        self, weight: Tensor, gram: Tensor, **decomposition_kwargs: Any
+    ) -> bool:
+        """Set every layer to the format's decomposition of ``weight`` in the norm
+        ``||(W - What) S||_F`` with ``S S^T ~ C_1 (x) ... (x) C_d``, a Kronecker-factored
+        approximation (:func:`kronecker_factors`) of ``gram`` over the in modes.
+
+        Multiplying the in mode ``k`` of the tensorized weight by ``S_k = C_k^{1/2}`` whitens
+        it; the format decomposes the whitened tensor, and ``S_k^{-1}`` goes back into the
+        factor that carries in mode ``k`` (:meth:`_in_mode_factors`), so the result keeps the
+        format and its ranks. Exact for a Kronecker-product ``gram``; the activation-aware
+        start of the tensor formats (the lowrank format's is the exact whitened SVD).
+
+        Args:
+            weight: ``(out, in)``, or ``(n_layers, out, in)`` with ``n_layers`` layers.
+            gram: ``(in, in)`` input second moment (one for all layers).
+            **decomposition_kwargs: for the format's decomposition.
+
+        Returns:
+            Whether it did (``False``: the format has no per-in-mode factors).
+        """
+        if self._in_mode_factors() is None:
+            return False
+        roots = [symmetric_root(c) for c in kronecker_factors(gram.double(), self.in_modes)]
+        lead = (self.n_layers,) if self.n_layers > 1 else ()
+        tensor = weight.double().reshape(*lead, *self.out_modes, *self.in_modes)
+        first = len(lead) + len(self.out_modes)
+        for k, (root, _) in enumerate(roots):
+            tensor = mode_dot(tensor, root, first + k)
+        dtype = next(self.parameters()).dtype
+        self.load_values(self._decompose(tensor.to(dtype), **decomposition_kwargs))
+        for (param, dim), (_, inverse) in zip(self._in_mode_factors() or [], roots):
+            param.copy_(mode_dot(param.double(), inverse, dim))
+        return True
+
+    def _in_mode_factors(self) -> list[tuple[nn.Parameter, int]] | None:
+        """Per in mode ``k``: ``(parameter, dim)`` such that a mode product of ``dim`` of that
+        parameter with a matrix ``M`` is the mode product of in mode ``k`` of the represented
+        weight with ``M``; ``None`` for a format without such factors."""
+        return None
 
     # ---------------------------------------------------------------- TensorLy
 

@@ -136,6 +136,10 @@ class BlockTTFormat(TrainFormat):
         cores = decompose.tensor_train_matrix(tensor, len(self.out_modes), self.rank, **kwargs)
         return {f"cores.{k}": c for k, c in enumerate(cores)}
 
+    def _in_mode_factors(self) -> list[tuple[nn.Parameter, int]]:
+        lead = 1 if self.n_layers > 1 else 0
+        return [(c, 2) for c in list(self.cores)[lead:]]  # (r, o_k, i_k, r')
+
     def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
         """A ``TTMatrix``; the layer core becomes ``(1, L, 1, r)``: row modes ``(L, *out)``,
         column modes ``(1, *in)``."""

@@ -169,6 +169,10 @@ class CPFormat(FactorizedMatrix):
     def _layer_slice(self, layer: int) -> Tensor:
         return self.factors[0][layer]
 
+    def _in_mode_factors(self) -> list[tuple[nn.Parameter, int]]:
+        first = (1 if self.n_layers > 1 else 0) + self._n_out
+        return [(f, 0) for f in list(self.factors)[first:]]  # (i_k, R)
+
     def _moments(self, layer: int | None) -> tuple[float, float] | None:
         scale, outs, ins = _split(self, layer)
         factors = [f.double() for f in outs + ins]

@@ -297,6 +297,9 @@ class TTFormat(TrainFormat):
         cores = decompose.tensor_train(tensor, self.rank, **kwargs)
         return {f"cores.{k}": c for k, c in enumerate(cores)}
 
+    def _in_mode_factors(self) -> list[tuple[nn.Parameter, int]]:
+        return [(c, 1) for c in list(self.cores)[-len(self.in_modes) :]]  # (r, i_k, r')
+
     def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
         """A ``TTTensor``; a layer core ``(1, L, r)`` comes first."""
         from tensorly.tt_tensor import TTTensor

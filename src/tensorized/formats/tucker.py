@@ -205,6 +205,10 @@ class TuckerFormat(FactorizedMatrix):
     def _layer_slice(self, layer: int) -> Tensor:
         return self.core[layer]
 
+    def _in_mode_factors(self) -> list[tuple[nn.Parameter, int]]:
+        m = len(self.out_modes)
+        return [(f, 0) for f in list(self.factors)[m:]]  # (i_k, r_k)
+
     def _moments(self, layer: int | None) -> tuple[float, float] | None:
         core = _core(self, layer).double()
         factors = [f.double() for f in self.factors]
