@@ -583,10 +583,10 @@ def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
     # One Kronecker factorization for all layers: the mean of their normalized grams, with
     # the ridge of the fit loss (which also keeps the per-mode factors invertible).
     eye = torch.eye(grams[0].shape[0], dtype=F64, device=grams[0].device)
-    gram = sum(
+    normalized = [
         (C + p.ridge * eye) / (C.diagonal().mean() + p.ridge) for C, p in zip(grams, problems)
-    )
-    gram = gram / len(grams)
+    ]
+    gram = torch.stack(normalized).mean(0)
     if weight.fit_kronecker_whitened(targets, gram):
         _fit_bias(layer, problems)
         if not _fit_loss(layer, problems) < loss:
