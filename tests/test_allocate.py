@@ -188,3 +188,91 @@ def test_allocate_rejects_bad_arguments():
         allocate_ranks([], [], "tucker", 30)
     with pytest.raises(TypeError, match="decomposition_kwargs must be a mapping"):
         allocate_ranks(W, m, "cp", 30, decomposition_kwargs=[1])
+
+
+# --------------------------------------------------------------------------- several formats
+
+
+def _planted():
+    """Four 64 x 64 weights on modes (8, 8) x (8, 8), each exactly representable and cheapest
+    in one format: its parameters there (the other formats need several times more)."""
+    from tensorized._ops import mode_dot
+
+    gen = torch.Generator().manual_seed(0)
+    ins = outs = (8, 8)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    lowrank = rnd(64, 3) @ rnd(3, 64)  # matrix rank 3
+    core = rnd(2, 2, 2, 2)  # Tucker ranks (2, 2, 2, 2)
+    for k in range(4):
+        core = mode_dot(core, rnd(8, 2), k)
+    tucker = core.reshape(64, 64)
+    cores = [rnd(1, 8, 2), rnd(2, 8, 2), rnd(2, 8, 2), rnd(2, 8, 1)]  # TT ranks (2, 2, 2)
+    tt = torch.einsum("aob,bpc,cid,dje->opij", *cores).reshape(64, 64)
+    a, b = rnd(1, 8, 8, 2), rnd(2, 8, 8, 1)  # TT-matrix rank 2: sum of 2 Kronecker products
+    blocktt = torch.einsum("aoib,bpjc->opij", a, b).reshape(64, 64)
+    weights = {"lowrank": lowrank, "tucker": tucker, "tt": tt, "blocktt": blocktt}
+    return weights, [(ins, outs)] * 4
+
+
+def test_auto_picks_the_planted_format_of_each_layer():
+    from tensorized._allocate import AUTO_FORMATS, allocate_choices
+
+    planted, modes = _planted()
+    exact = {"lowrank": 3, "tucker": (2, 2, 2, 2), "tt": (2, 2, 2), "blocktt": (2,)}
+    need = sum(
+        FORMATS[f].param_count((8, 8), (8, 8), r) for f, r in exact.items()
+    )  # 387 + 80 + 96 + 256
+    choices = allocate_choices(list(planted.values()), modes, AUTO_FORMATS, need)
+    assert [c.factorization for c in choices] == list(planted)
+    for c, W in zip(choices, planted.values()):
+        assert c.error == 0.0  # exact (below the round-off floor)
+    for c, name in zip(choices, planted):
+        assert f"{name} 0," in c.reason + "," and "error at that share" in c.reason
+
+
+def test_a_layer_stays_dense_when_that_spends_the_budget_best():
+    from tensorized._allocate import allocate_choices
+
+    gen = torch.Generator().manual_seed(1)
+    low = torch.randn(64, 2, generator=gen, dtype=F64) @ torch.randn(2, 64, generator=gen, dtype=F64)
+    full = torch.randn(64, 64, generator=gen, dtype=F64)
+    budget = FORMATS["lowrank"].param_count((64,), (64,), 2) + 64 * 64
+    choices = allocate_choices([low, full], [((64,), (64,))] * 2, ["lowrank"], budget)
+    assert [(c.factorization, c.rank) for c in choices] == [("lowrank", 2), ("dense", None)]
+    assert choices[1].error == 0.0
+
+
+def test_output_aware_budget_follows_the_inputs_not_the_weights():
+    # Two weights with the same spectrum; the first only ever sees inputs in a 4-dimensional
+    # subspace. By weight error they get about the same rank; by output error the first
+    # needs at most 4 and the rest of the budget goes to the second.
+    from tensorized._allocate import allocate_choices
+
+    W1, W2 = with_spectrum(64, 64, 0.95, 0), with_spectrum(64, 64, 0.95, 1)
+    gen = torch.Generator().manual_seed(2)
+    basis = torch.randn(4, 64, generator=gen, dtype=F64)
+    X1 = torch.randn(512, 4, generator=gen, dtype=F64) @ basis
+    X2 = torch.randn(512, 64, generator=gen, dtype=F64)
+    grams = [X1.T @ X1 / 512, X2.T @ X2 / 512]
+    modes = [((64,), (64,))] * 2
+    budget = 24 * FORMATS["lowrank"].param_count((64,), (64,), 1)
+    by_weight = allocate_choices([W1, W2], modes, ["lowrank"], budget)
+    by_output = allocate_choices([W1, W2], modes, ["lowrank"], budget, grams=grams)
+    assert abs(by_weight[0].rank - by_weight[1].rank) <= 1
+    assert by_output[0].rank <= 4 < by_output[1].rank
+    assert by_output[1].rank > by_weight[1].rank
+
+
+def test_allocate_choices_rejects_bad_formats():
+    from tensorized._allocate import allocate_choices
+
+    W = torch.randn(16, 16, dtype=F64)
+    with pytest.raises(ValueError, match="distinct formats"):
+        allocate_choices([W], [((4, 4), (4, 4))], ["tt", "TT"], 100)
+    with pytest.raises(ValueError, match="unknown factorization"):
+        allocate_choices([W], [((4, 4), (4, 4))], ["nope"], 100)
+    with pytest.raises(ValueError, match="none of the formats"):
+        allocate_choices([W], [((16,), (4, 4))], ["blocktt"], 100)

@@ -532,23 +532,30 @@ def test_calibration_contract(monkeypatch):
 
 
 def test_budget_allocation_contract(monkeypatch):
+    from tensorized import _allocate
+
     model, seen = Net(), {}
 
-    def allocate_ranks(
-        weights, modes, factorization, budget, *, decomposition_kwargs=None, candidates=None
+    def allocate_choices(
+        weights, modes, formats, budget, *, grams=None, decomposition_kwargs=None, candidates=None
     ):
         seen.update(
             shapes=[tuple(w.shape) for w in weights],
             modes=modes,
             budget=budget,
-            fmt=factorization,
+            formats=tuple(formats),
+            grams=grams,
             kwargs=decomposition_kwargs,
         )
-        return [(2, 2, 2, 2), (3, 3, 3, 3)]
+        return [
+            _allocate.Choice("tucker", (2, 2, 2, 2), 0.1, "why 0"),
+            _allocate.Choice("tucker", (3, 3, 3, 3), 0.2, "why 1"),
+        ]
 
-    monkeypatch.setitem(
-        sys.modules, "tensorized._allocate", types.SimpleNamespace(allocate_ranks=allocate_ranks)
+    stub = types.SimpleNamespace(
+        allocate_choices=allocate_choices, Choice=_allocate.Choice, AUTO_FORMATS=()
     )
+    monkeypatch.setitem(sys.modules, "tensorized._allocate", stub)
     cfg = config(
         rank=0.3,
         rank_allocation="budget",
@@ -563,10 +570,12 @@ def test_budget_allocation_contract(monkeypatch):
         "shapes": [(32, 8), (2, 32, 32)],
         "modes": [((4, 2), (8, 4)), ((8, 4), (8, 4))],
         "budget": round(0.3 * (8 * 32 + 2 * 32 * 32)),
-        "fmt": "tucker",
+        "formats": ("tucker",),
+        "grams": None,  # no calibration data: weight errors
         "kwargs": {"n_iter_max": 3},
     }
     assert [r.rank for r in report] == [(2, 2, 2, 2), (3, 3, 3, 3)]
+    assert [r.reason for r in report] == ["why 0", "why 1"]
     assert model.embed.rank == (2, 2, 2, 2) and model.blocks[1].attn.q.parent.rank == (3, 3, 3, 3)
 
 
@@ -675,3 +684,56 @@ def test_budget_allocation_with_joint_groups_meets_the_budget(fmt):
     }
     total = sum(p.weight.num_params for p in parents.values())
     assert abs(total - round(0.3 * dense)) <= 0.02 * 0.3 * dense
+
+
+# --------------------------------------------------------------------------- formats per layer
+
+
+def test_auto_chooses_a_format_per_layer_within_the_budget():
+    model = Net()
+    original = copy.deepcopy(model)
+    cfg = config(factorization="auto", rank=0.4, rank_allocation="budget", order=2, min_params=0)
+    report = tensorize_(model, cfg, calibration_data=correlated_batches(4))
+    weights = sum(m.weight.numel() for m in original.modules() if isinstance(m, nn.Linear))
+    new_weights = sum(m.weight.num_params for m in model.modules() if isinstance(m, FactorizedLinear))
+    assert new_weights <= 1.02 * round(0.4 * weights)
+    for row in report:
+        module = model.get_submodule(row.name)
+        assert row.factorization == module.factorization
+        assert row.factorization in ("lowrank", "tucker", "tt", "blocktt", "dense")
+        assert "error at that share" in row.reason
+    x = correlated_batches(1, seed=5)[0]
+    with torch.no_grad():  # the compressed model runs and stays close on its input subspace
+        ref, out = original(x), model(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert "format" in str(report).splitlines()[0]
+
+
+def test_a_list_of_formats_limits_the_choice():
+    model = Net()
+    cfg = config(
+        factorization=["tt", "TTM"], rank=0.5, rank_allocation="budget", order=2, min_params=0
+    )
+    assert cfg.factorization == ("tt", "blocktt")
+    report = tensorize_(model, cfg)
+    assert {r.factorization for r in report} <= {"tt", "blocktt", "dense"}
+    assert TensorizeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"factorization": "auto"}, "rank_allocation='budget'"),
+        ({"factorization": ["tt", "cp"]}, "rank_allocation='budget'"),
+        ({"factorization": [], "rank_allocation": "budget"}, "non-empty list"),
+        ({"factorization": ["tt", "nope"], "rank_allocation": "budget"}, "unknown factorization"),
+        (
+            {"factorization": "auto", "rank_allocation": "budget", "implementation": "kron"},
+            "implementation",
+        ),
+    ],
+)
+def test_several_formats_need_a_budget(kwargs, match):
+    kwargs.setdefault("rank", 0.5)
+    with pytest.raises(ValueError, match=match):
+        TensorizeConfig(**kwargs)

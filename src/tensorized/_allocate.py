@@ -19,6 +19,17 @@ total parameter count:
 3. **Polish**: a local search (one weight to any candidate, or an exchange between two)
    brings the total within 2% under the budget (2% over it if the steps are too coarse) and
    lowers the error further where it can.
+
+:func:`allocate_choices` (what ``tensorize_`` uses with ``rank_allocation='budget'``) runs
+the same allocation over several formats at once and the option of keeping a weight dense:
+each weight's curve is the union of its formats' curves, so a layer gets the format (and
+rank) that lowers the total error most for its parameters. With calibration statistics the
+errors are *output* errors, ``||(W - What) S||^2 / ||W S||^2`` with ``S S^T`` the layer's
+input second moment: each format's curve is measured on the whitened weight it is fitted to
+(``W S`` for 'lowrank', whose curve is then the exact whitened-SVD tail of SVD-LLM; the
+Kronecker-whitened tensor ``W x_k S_k`` for the tensor formats, see
+``FactorizedMatrix.fit_kronecker_whitened``), relative to the layer's output energy so that
+every layer counts alike.
 """
 
 from __future__ import annotations
@@ -27,16 +38,22 @@ import heapq
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ._ops import kronecker_factors, mode_dot, symmetric_root
 from ._ranks import ConcreteRank, RankBudgetWarning, smallest_rank
 from ._shapes import Modes, validate_modes
 from .formats import FactorizedMatrix, get_format
 from .formats.base import Option
 
-__all__ = ["DEFAULT_CANDIDATES", "allocate_ranks"]
+__all__ = ["AUTO_FORMATS", "DEFAULT_CANDIDATES", "Choice", "allocate_choices", "allocate_ranks"]
+
+#: The formats ``factorization='auto'`` chooses among ('cp' is left out: its ALS curves
+#: cost far more than the others'; name it in a list to include it).
+AUTO_FORMATS = ("lowrank", "tucker", "tt", "blocktt")
 
 TOLERANCE = 0.02
 #: Default candidate fractions of each weight's dense parameter count.
@@ -128,6 +145,139 @@ def allocate_ranks(
             stacklevel=2,
         )
     return [curve[j][2] for curve, j in zip(curves, choice)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`allocate_choices` chose for one weight.
+
+    Attributes:
+        factorization: the format ('dense': kept at full size).
+        rank: its concrete rank.
+        error: the estimated relative squared error of the choice (output error with
+            calibration statistics, else weight error).
+        reason: one line: the share of the weight's parameters and each candidate format's
+            error at that share.
+    """
+
+    factorization: str
+    rank: ConcreteRank
+    error: float
+    reason: str
+
+
+def allocate_choices(
+    weights: Sequence[Tensor],
+    modes: Sequence[tuple[Modes, Modes]],
+    formats: Sequence[str],
+    budget: int,
+    *,
+    grams: Sequence[Tensor | None] | None = None,
+    decomposition_kwargs: Mapping | None = None,
+    candidates: Sequence[float] | None = None,
+) -> list[Choice]:
+    """One ``(format, rank)`` per weight, or dense, so that the total parameters meet
+    ``budget`` at the least total error (see the module docstring).
+
+    Args:
+        weights: ``(out, in)`` or ``(L, out, in)`` matrices.
+        modes: per weight, ``(in_modes, out_modes)``.
+        formats: the candidate formats (names or aliases); a weight whose modes a format
+            does not accept (e.g. 'blocktt' with unequal mode counts) skips that format.
+        budget: total parameters of all weights (biases not counted).
+        grams: per weight, its input second moment ``(in, in)`` (a joint group's: one for
+            all its layers), or ``None`` for a weight without one (then its relative weight
+            error); ``None`` for all: absolute squared weight errors, as
+            :func:`allocate_ranks`.
+        decomposition_kwargs: options for the curves' decompositions.
+        candidates: fractions of each weight's parameters for the curves.
+
+    Returns:
+        One :class:`Choice` per weight.
+    """
+    classes = [get_format(f) for f in formats]
+    if not classes or len({c.name for c in classes}) != len(classes):
+        raise ValueError(f"formats must name distinct formats, got {list(formats)!r}")
+    fractions = _check_candidates(candidates)
+    kwargs = dict(decomposition_kwargs or {})
+    dense_total = sum(math.prod(W.shape) for W in weights)
+    curves: list[list[Option]] = []
+    per_format: list[dict[str, list[Option]]] = []
+    for k, (W, pair) in enumerate(zip(weights, modes)):
+        C = None if grams is None else grams[k]
+        by_format: dict[str, list[Option]] = {}
+        for cls in classes:
+            try:
+                ((W_k, in_modes, out_modes, L),) = _check_entries([W], [pair], cls)
+            except ValueError:
+                continue  # modes this format does not take
+            if cls.rank_kind == "none":
+                continue  # dense: the keep-dense option below
+            scope = fractions
+            limit = cls.curve_fraction_limit
+            if limit is not None:
+                scope = tuple(f for f in fractions if f <= limit * budget / dense_total)
+                scope = scope or fractions[:1]
+            target, norm_sq = _curve_target(cls, W_k, in_modes, out_modes, C)
+            curve = cls.error_curve(target, in_modes, out_modes, L, scope, kwargs)
+            scale = 1.0 / norm_sq if grams is not None else 1.0  # relative: layers alike
+            # Below the float64 round-off of a decomposition an error is zero: no parameter
+            # is spent to lower it further.
+            floor = 1e-12 * norm_sq
+            by_format[cls.name] = [
+                (p, 0.0 if e <= floor else e * scale, (cls.name, r)) for p, e, r in curve
+            ]
+        if not by_format:
+            names = [c.name for c in classes]
+            raise ValueError(f"weights[{k}]: none of the formats {names} accepts modes {pair}")
+        dense = (math.prod(W.shape), 0.0, ("dense", "same"))
+        options = sorted([o for c in by_format.values() for o in c] + [dense], key=_by_cost)
+        curves.append(options)
+        per_format.append(by_format)
+    low = sum(c[0][0] for c in curves)
+    if not low <= budget <= dense_total:
+        raise ValueError(
+            f"budget={budget} is outside the reachable range [{low}, {dense_total}] for "
+            f"formats {[c.name for c in classes]}"
+        )
+    choice = _allocate(curves, float(budget))
+    out = []
+    for curve, j, by_format, W in zip(curves, choice, per_format, weights):
+        params, error, (name, rank) = curve[j]
+        share = params / math.prod(W.shape)
+        others = []
+        for fmt, c in by_format.items():
+            fits = [e for p, e, _ in c if p <= params]
+            others.append(f"{fmt} {min(fits):.3g}" if fits else f"{fmt} -")
+        why = f"{share:.0%} of its weights; error at that share: {', '.join(others)}"
+        out.append(Choice(name, None if name == "dense" else rank, error, why))
+    return out
+
+
+def _by_cost(option: Option) -> tuple[int, float]:
+    return (option[0], option[1])
+
+
+def _curve_target(
+    cls: type[FactorizedMatrix], W: Tensor, in_modes: Modes, out_modes: Modes, C: Tensor | None
+) -> tuple[Tensor, float]:
+    """The weight whose plain error curve is the format's output-error curve with input
+    second moment ``C`` (see the module docstring), and its squared norm."""
+    if C is None:
+        return W, float(W.double().pow(2).sum())
+    C = C.to(device=W.device, dtype=torch.float64)
+    if cls.closed_form_exact:  # 'lowrank': the exact whitened SVD
+        target = W.double() @ symmetric_root(C)[0]
+    elif cls._in_mode_factors is not FactorizedMatrix._in_mode_factors:
+        lead = W.shape[:-2]
+        tensor = W.double().reshape(*lead, *out_modes, *in_modes)
+        first = len(lead) + len(out_modes)
+        for k, c in enumerate(kronecker_factors(C, in_modes)):
+            tensor = mode_dot(tensor, symmetric_root(c)[0], first + k)
+        target = tensor.reshape(W.shape)
+    else:  # a format without per-mode factors: its weight error, relative
+        target = W.double()
+    return target.to(W.dtype), max(float(target.pow(2).sum()), torch.finfo(torch.float64).tiny)
 
 
 # --------------------------------------------------------------------------- validation

@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from .formats import canonical_name, get_format
 
@@ -70,6 +70,35 @@ def _check_patterns(name: str, value: Any) -> str | tuple[str, ...] | None:
     return tuple(value)
 
 
+def _check_factorization(value: Any, allocation: Any) -> str | tuple[str, ...]:
+    """The canonical format name, ``'auto'``, or a tuple of canonical names."""
+    several = "'auto' or a list of formats"
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        value = "auto"
+    elif isinstance(value, list | tuple):
+        if not value:
+            raise _bad("factorization", value, "a format name, 'auto' or a non-empty list")
+        try:
+            value = tuple(dict.fromkeys(canonical_name(v) for v in value))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"TensorizeConfig.factorization: {exc}") from exc
+        if len(value) == 1:
+            return value[0]
+    else:
+        try:
+            return canonical_name(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"TensorizeConfig.factorization: {exc}") from exc
+    if allocation != "budget":
+        raise _bad(
+            "factorization",
+            value,
+            f"a single format with rank_allocation={allocation!r} ({several} chooses a "
+            f"format per layer from the budget: set rank_allocation='budget')",
+        )
+    return value
+
+
 def _check_rank(rank: Any, budget: bool) -> float | int | str | tuple:
     if budget:  # a fraction of the total: the allocation chooses every layer's rank
         if isinstance(rank, bool) or not isinstance(rank, float) or not 0 < rank <= 1:
@@ -95,7 +124,10 @@ class TensorizeConfig:
 
     Attributes:
         factorization: ``'cp'``, ``'tucker'``, ``'tt'``, ``'blocktt'``, ``'lowrank'``,
-            ``'dense'`` or an alias (stored canonical).
+            ``'dense'`` or an alias (stored canonical); or, with ``rank_allocation='budget'``,
+            ``'auto'`` (each layer gets the format among ``'lowrank'``, ``'tucker'``,
+            ``'tt'``, ``'blocktt'`` with the least error for its share of the budget) or a
+            list of formats to choose among (stored as a tuple).
         rank: per layer as in :class:`~tensorized.FactorizedLinear` (``'same'``, an int, a
             tuple of concrete ranks, or a float: the fraction of the weight parameters kept).
         target_modules: ``None`` (every ``nn.Linear``), a regex that must match the whole
@@ -108,8 +140,11 @@ class TensorizeConfig:
         joint: factorize together (``from_linear_list``) same-shaped layers whose names
             differ only in numeric parts: ``blocks.0.q`` and ``blocks.1.q`` form ``blocks.*.q``.
         rank_allocation: ``'uniform'`` (``rank`` for each layer) or ``'budget'``: ``rank`` (a
-            float in (0, 1]) of all targeted weight parameters, spread over the layers by
-            :func:`tensorized.allocate_ranks` to minimize the total error.
+            float in (0, 1]) of all targeted weight parameters, spread over the layers to
+            minimize the total error (greedy on each layer's error curve, as
+            :func:`tensorized.allocate_ranks`), where a layer may also stay dense. With
+            calibration data the errors are the layers' relative output errors on their
+            recorded inputs, else weight errors.
         decomposition_kwargs: options of the decompositions (e.g. ``n_iter_max``), kept as a
             read-only copy.
         calibration_steps: optimizer steps per layer (or group) with calibration data.
@@ -122,7 +157,7 @@ class TensorizeConfig:
         progress: show a tqdm bar; ``None``: only when stderr is a terminal.
     """
 
-    factorization: str = "tucker"
+    factorization: str | tuple[str, ...] = "tucker"
     rank: float | int | str | tuple = 0.5
     target_modules: str | Sequence[str] | None = None
     exclude_modules: str | Sequence[str] | None = None
@@ -141,10 +176,7 @@ class TensorizeConfig:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        try:
-            put("factorization", canonical_name(self.factorization))
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"TensorizeConfig.factorization: {exc}") from exc
+        put("factorization", _check_factorization(self.factorization, self.rank_allocation))
         put("rank", _check_rank(self.rank, self.rank_allocation == "budget"))
         put("target_modules", _check_patterns("target_modules", self.target_modules))
         put("exclude_modules", _check_patterns("exclude_modules", self.exclude_modules))
@@ -157,7 +189,9 @@ class TensorizeConfig:
             raise _bad("calibration_mode", self.calibration_mode, modes, TypeError)
         if self.calibration_mode not in ("sequential", "independent"):
             raise _bad("calibration_mode", self.calibration_mode, modes)
-        strategies = ("auto", *get_format(self.factorization).strategy_names())
+        several = not isinstance(self.factorization, str) or self.factorization == "auto"
+        single = None if several else get_format(cast(str, self.factorization))
+        strategies = ("auto", *(single.strategy_names() if single else ()))
         if not isinstance(self.implementation, str):
             raise _bad("implementation", self.implementation, f"one of {strategies}", TypeError)
         if self.implementation not in strategies:
@@ -170,7 +204,7 @@ class TensorizeConfig:
             raise _bad("rank_allocation", self.rank_allocation, "'uniform' or 'budget'", TypeError)
         if self.rank_allocation not in ("uniform", "budget"):
             raise _bad("rank_allocation", self.rank_allocation, "'uniform' or 'budget'")
-        rankless = get_format(self.factorization).rank_kind == "none"
+        rankless = single is not None and single.rank_kind == "none"
         if self.rank_allocation == "budget" and rankless:
             raise _bad(
                 "rank_allocation", "budget", f"'uniform' with factorization={self.factorization!r}"

@@ -32,6 +32,10 @@ class LayerReport:
             inputs before / after calibration (a group's: the mean over its members), or
             ``None`` without calibration data.
         seconds: time spent decomposing and calibrating.
+        factorization: the layer's format (with ``rank_allocation='budget'`` it may differ
+            between layers: ``'dense'`` keeps a layer at full size).
+        reason: with ``rank_allocation='budget'``, why: the layer's share of its weights and
+            each candidate format's estimated error at that share; else ``''``.
     """
 
     name: str
@@ -48,6 +52,8 @@ class LayerReport:
     output_error_before: float | None
     output_error_after: float | None
     seconds: float
+    factorization: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -94,7 +100,8 @@ class TensorizeReport:
 
     def __str__(self) -> str:
         calibrated = any(r.output_error_before is not None for r in self.layers)
-        rows = [["name", "in->out", "modes in->out", "rank", "params old -> new", "weight err"]]
+        rows = [["name", "in->out", "modes in->out", "format", "rank", "params old -> new"]]
+        rows[0] += ["weight err"]
         rows[0] += ["output err before -> after"] * calibrated
         for r in self.layers:
             errors = (r.output_error_before, r.output_error_after)
@@ -103,6 +110,7 @@ class TensorizeReport:
                     f"{r.name} (x{r.group.count(',') + 1})" if r.group else r.name,
                     f"{r.in_features}->{r.out_features}",
                     "->".join("x".join(map(str, m)) for m in (r.in_modes, r.out_modes)),
+                    r.factorization,
                     str(r.rank),
                     f"{r.old_params:,} -> {r.new_params:,}",
                     f"{r.weight_error:.4f}",

@@ -7,6 +7,7 @@ the report :class:`tensorized.TensorizeReport`.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
@@ -17,6 +18,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ._allocate import Choice
 from ._calibrate import _has_length
 from ._config import TensorizeConfig, show_progress
 from ._linear import FactorizedLinear
@@ -130,7 +132,7 @@ def _units(targets: list[tuple[str, nn.Linear]], joint: bool) -> list[_Unit]:
     return [u if u.joint else _Unit(u.members[0][0], u.members) for u in groups.values()]
 
 
-def _failure(exc: Exception, unit: _Unit, rank: Any, config: TensorizeConfig) -> Exception:
+def _failure(exc: Exception, unit: _Unit, choice: Choice, config: TensorizeConfig) -> Exception:
     """``exc`` re-made naming the layer: ValueError, TypeError, RuntimeError and warnings keep
     their type (their base class if the subclass cannot be built), others become RuntimeError."""
     n = len(unit.members)
@@ -138,7 +140,7 @@ def _failure(exc: Exception, unit: _Unit, rank: Any, config: TensorizeConfig) ->
     message = (
         f"tensorize_ failed on {what} (weight {tuple(unit.members[0][1].weight.shape)} "
         f"(out, in), modes in {unit.in_modes} out {unit.out_modes}, factorization="
-        f"{config.factorization!r}, rank={rank!r}): {type(exc).__name__}: {exc}"
+        f"{choice.factorization!r}, rank={choice.rank!r}): {type(exc).__name__}: {exc}"
     )
     for base in (ValueError, TypeError, RuntimeError, Warning):
         if isinstance(exc, base):
@@ -232,14 +234,14 @@ def tensorize_(
             position = {n: k for k, n in enumerate(call_order(model, modules, data))}
             last = len(position)
             order.sort(key=lambda k: min(position.get(n, last) for n, _ in units[k].members))
-    ranks = _ranks(units, config)
+    choices = _choices(units, config, inputs)
     params_before = sum(p.numel() for p in model.parameters())
     from tqdm import tqdm
 
     done: dict[int, FactorizedLinear] = {}
     rows_of: dict[int, LayerReport] = {}
     for k in tqdm(order, "tensorize", unit="layer", disable=not show):
-        unit, rank = units[k], ranks[k]
+        unit, choice = units[k], choices[k]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -247,9 +249,9 @@ def tensorize_(
                 if sequential and done:
                     built_so_far = [(units[j], done[j]) for j in done]
                     seen = _inputs_after(model, built_so_far, unit, data, config.calibration_rows)
-                new, row = _build(unit, rank, config, inputs, seen)
+                new, row = _build(unit, choice, config, inputs, seen)
             except Exception as exc:
-                raise _failure(exc, unit, rank, config) from exc
+                raise _failure(exc, unit, choice, config) from exc
         for w in caught:  # re-issued naming the layer; the user's warning filters apply
             warnings.warn(f"layer {unit.name!r}: {w.message}", w.category, stacklevel=2)
         done[k], rows_of[k] = new, row
@@ -260,24 +262,50 @@ def tensorize_(
     return TensorizeReport(report, params_before, params_after)
 
 
-def _ranks(units: list[_Unit], config: TensorizeConfig) -> list[Any]:
-    """The rank of each unit: the config's, or a budgeted allocation over all units."""
-    if config.rank_allocation == "uniform":
-        return [config.rank] * len(units)
-    from ._allocate import allocate_ranks
+def _choices(
+    units: list[_Unit], config: TensorizeConfig, inputs: Mapping[str, Tensor] | None
+) -> list[Choice]:
+    """Each unit's format and rank: the config's, or a budgeted allocation over all units
+    (by output error where calibration inputs were recorded)."""
+    from ._allocate import AUTO_FORMATS, Choice, allocate_choices
 
+    if config.rank_allocation == "uniform":
+        fmt = cast(str, config.factorization)  # TensorizeConfig allows one format here
+        rank = cast(Any, config.rank)  # a fraction, int, tuple or 'same': resolved per layer
+        return [Choice(fmt, rank, math.nan, "") for _ in units]
     weights = [u.weight() for u in units]
     fraction = cast(float, config.rank)  # TensorizeConfig checks it for 'budget'
     budget = round(fraction * sum(w.numel() for w in weights))
     modes = [(u.in_modes, u.out_modes) for u in units]
+    formats = config.factorization
+    if formats == "auto":
+        formats = AUTO_FORMATS
+    elif isinstance(formats, str):
+        formats = (formats,)
+    grams = None if inputs is None else [_gram(u, inputs) for u in units]
     kwargs = dict(config.decomposition_kwargs)
-    fmt = config.factorization
-    return list(allocate_ranks(weights, modes, fmt, budget, decomposition_kwargs=kwargs))
+    return allocate_choices(
+        weights, modes, formats, budget, grams=grams, decomposition_kwargs=kwargs
+    )
+
+
+def _gram(unit: _Unit, inputs: Mapping[str, Tensor]) -> Tensor | None:
+    """The unit's input second moment ``X^T X / rows`` in float64 (a joint group's: the mean
+    of its members', each scaled to unit trace), or ``None`` without recorded rows."""
+    grams = []
+    for name, _ in unit.members:
+        X = inputs.get(name)
+        if X is None or X.shape[0] < 2:
+            return None
+        X = X.double()
+        C = X.T @ X
+        grams.append(C / C.trace().clamp_min(torch.finfo(torch.float64).tiny))
+    return torch.stack(grams).mean(0)
 
 
 def _build(
     unit: _Unit,
-    rank: Any,
+    choice: Choice,
     config: TensorizeConfig,
     inputs: Mapping[str, Tensor] | None,
     seen: Mapping[str, Tensor] | None = None,
@@ -287,12 +315,14 @@ def _build(
     partially compressed model (sequential calibration), or ``None``."""
     start = time.perf_counter()
     linears = [m for _, m in unit.members]
-    options = dict(
-        rank=rank,
+    options: dict[str, Any] = dict(
+        rank=choice.rank,
         bias=any(m.bias is not None for m in linears),
-        factorization=config.factorization,
+        factorization=choice.factorization,
         decomposition_kwargs=dict(config.decomposition_kwargs),  # a fresh copy each time
-        implementation=config.implementation,
+        implementation=config.implementation
+        if choice.factorization == config.factorization
+        else "auto",
     )
     if unit.joint:
         new = FactorizedLinear.from_linear_list(linears, unit.in_modes, unit.out_modes, **options)
@@ -345,6 +375,8 @@ def _build(
         output_error_before=errors[0],
         output_error_after=errors[1],
         seconds=time.perf_counter() - start,
+        factorization=choice.factorization,
+        reason=choice.reason,
     )
     return new, row
 

@@ -169,7 +169,12 @@ def _config(args: argparse.Namespace) -> TensorizeConfig:
             raise CLIError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
         if not isinstance(values, dict):
             raise CLIError(f"config file {str(p)!r} must hold a JSON object (TensorizeConfig)")
-    parse = {"rank": parse_rank, "target_modules": parse_modules, "exclude_modules": parse_modules}
+    parse = {
+        "rank": parse_rank,
+        "target_modules": parse_modules,
+        "exclude_modules": parse_modules,
+        "factorization": lambda v: [f.strip() for f in v.split(",")] if "," in v else v,
+    }
     for key in (
         *("factorization", "rank", "target_modules", "exclude_modules", "joint"),
         *("rank_allocation", "order", "min_params", "calibration_steps"),
@@ -543,7 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace OUT if it is a folder with files"
     )
     comp.add_argument(
-        "--factorization", "-f", metavar="F", help="cp, tucker, tt, blocktt, lowrank, dense"
+        "--factorization",
+        "-f",
+        metavar="F",
+        help="cp, tucker, tt, blocktt, lowrank, dense; with --rank-allocation budget also "
+        "auto or a comma-separated list (a format per layer)",
     )
     comp.add_argument(
         "--rank", "-r", metavar="R", help="fraction (0.5), int rank (8), ints (4,8,8) or 'same'"
