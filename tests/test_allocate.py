@@ -227,8 +227,7 @@ def test_auto_picks_the_planted_format_of_each_layer():
     )  # 387 + 80 + 96 + 256
     choices = allocate_choices(list(planted.values()), modes, AUTO_FORMATS, need)
     assert [c.factorization for c in choices] == list(planted)
-    for c, W in zip(choices, planted.values()):
-        assert c.error == 0.0  # exact (below the round-off floor)
+    assert all(c.error == 0.0 for c in choices)  # exact (below the round-off floor)
     for c, name in zip(choices, planted):
         assert f"{name} 0," in c.reason + "," and "error at that share" in c.reason
 
@@ -237,7 +236,9 @@ def test_a_layer_stays_dense_when_that_spends_the_budget_best():
     from tensorized._allocate import allocate_choices
 
     gen = torch.Generator().manual_seed(1)
-    low = torch.randn(64, 2, generator=gen, dtype=F64) @ torch.randn(2, 64, generator=gen, dtype=F64)
+    low = torch.randn(64, 2, generator=gen, dtype=F64) @ torch.randn(
+        2, 64, generator=gen, dtype=F64
+    )
     full = torch.randn(64, 64, generator=gen, dtype=F64)
     budget = FORMATS["lowrank"].param_count((64,), (64,), 2) + 64 * 64
     choices = allocate_choices([low, full], [((64,), (64,))] * 2, ["lowrank"], budget)

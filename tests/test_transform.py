@@ -695,7 +695,9 @@ def test_auto_chooses_a_format_per_layer_within_the_budget():
     cfg = config(factorization="auto", rank=0.4, rank_allocation="budget", order=2, min_params=0)
     report = tensorize_(model, cfg, calibration_data=correlated_batches(4))
     weights = sum(m.weight.numel() for m in original.modules() if isinstance(m, nn.Linear))
-    new_weights = sum(m.weight.num_params for m in model.modules() if isinstance(m, FactorizedLinear))
+    new_weights = sum(
+        m.weight.num_params for m in model.modules() if isinstance(m, FactorizedLinear)
+    )
     assert new_weights <= 1.02 * round(0.4 * weights)
     for row in report:
         module = model.get_submodule(row.name)
