@@ -208,9 +208,10 @@ def allocate_choices(
         by_format: dict[str, list[Option]] = {}
         for cls in classes:
             try:
-                ((W_k, in_modes, out_modes, L),) = _check_entries([W], [pair], cls)
-            except ValueError:
-                continue  # modes this format does not take
+                cls.check_modes(tuple(pair[0]), tuple(pair[1]))
+            except (TypeError, ValueError):
+                continue  # modes this format does not take (the check below names bad ones)
+            ((W_k, in_modes, out_modes, L),) = _check_entries([W], [pair], cls)
             if cls.rank_kind == "none":
                 continue  # dense: the keep-dense option below
             scope = fractions
