@@ -134,7 +134,7 @@ def allocate_ranks(
     if limit is not None:
         kept = tuple(f for f in fractions if f <= limit * budget / dense_total)
         fractions = kept or fractions[:1]
-    curves = [cls.error_curve(W, i, o, L, fractions, kwargs) for W, i, o, L in entries]
+    curves = [_pareto(cls.error_curve(W, i, o, L, fractions, kwargs)) for W, i, o, L in entries]
     choice = _allocate(curves, float(budget))
     total = sum(curve[j][0] for curve, j in zip(curves, choice))
     if abs(total - budget) > TOLERANCE * budget:
@@ -233,7 +233,7 @@ def allocate_choices(
             raise ValueError(f"weights[{k}]: none of the formats {names} accepts modes {pair}")
         dense = (math.prod(W.shape), 0.0, ("dense", "same"))
         options = sorted([o for c in by_format.values() for o in c] + [dense], key=_by_cost)
-        curves.append(options)
+        curves.append(_pareto(options))
         per_format.append(by_format)
     low = sum(c[0][0] for c in curves)
     if not low <= budget <= dense_total:
@@ -257,6 +257,17 @@ def allocate_choices(
 
 def _by_cost(option: Option) -> tuple[int, float]:
     return (option[0], option[1])
+
+
+def _pareto(curve: list[Option]) -> list[Option]:
+    """The options no other beats on both parameters and error (sorted by parameters, the
+    error strictly decreasing): meeting the budget then never trades a layer's error up for
+    parameters, as moving to a dominated option (more parameters, more error) would."""
+    kept: list[Option] = []
+    for option in sorted(curve, key=_by_cost):
+        if not kept or option[1] < kept[-1][1]:
+            kept.append(option)
+    return kept
 
 
 def _curve_target(
