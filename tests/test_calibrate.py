@@ -470,3 +470,45 @@ def test_calibration_start_uses_the_kronecker_whitening_of_separable_inputs(fmt)
         plain.bias.copy_(b + (X @ (W - W_plain).T).mean(0))
     calibrate(layer, [W], [b], [X], steps=0)
     assert oracle_error(layer, W, b, X) < oracle_error(plain, W, b, X)
+
+
+# --------------------------------------------------------------------------- padding
+
+
+class _Tokens(nn.Module):
+    """A tiny 'encoder' called like a Hugging Face model: ``model(input_ids, attention_mask)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6, dtype=F64)
+        self.proj = nn.Linear(6, 4, dtype=F64)
+
+    def forward(self, input_ids, attention_mask):
+        return {"last_hidden_state": self.proj(self.embed(input_ids))}
+
+
+def test_record_inputs_leaves_out_padding_rows():
+    model = _Tokens()
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    got = record_inputs(model, {"proj": model.proj}, [{"input_ids": ids, "attention_mask": mask}])
+    expected = model.embed.weight[torch.tensor([1, 2, 3, 4, 5])].detach()  # the real tokens
+    torch.testing.assert_close(got["proj"], expected)
+    # no mask (positional call): every row
+    plain = record_inputs(model, {"proj": model.proj}, [(ids, mask)])
+    assert plain["proj"].shape == (8, 6)
+
+
+def test_distill_ignores_padding_positions():
+    teacher = _Tokens()
+    student = copy.deepcopy(teacher)
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]] * 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]] * 4)
+    with torch.no_grad():  # the student differs from the teacher only at the padding token
+        student.embed.weight[0] += 1.0
+    data = [{"input_ids": ids, "attention_mask": mask}] * 4
+    report = tz.distill_(student, teacher, data, epochs=1, train="all", progress=False)
+    assert report.before == 0.0
+    unmasked = [{"input_ids": ids, "attention_mask": torch.ones_like(mask)}] * 4
+    assert tz.distill_(copy.deepcopy(student), teacher, unmasked, epochs=1, train="all",
+                       progress=False).before > 0.0  # fmt: skip

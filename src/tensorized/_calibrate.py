@@ -103,7 +103,9 @@ def record_inputs(
         modules: ``name -> module`` whose first input is recorded (e.g. ``nn.Linear`` s of
             ``model``).
         calibration_data: an iterable of model inputs (a list, a ``DataLoader``, ...).
-        max_rows: keep at most this many rows per module: a uniform random subset without
+        max_rows: keep at most this many rows per module (rows of padding tokens left out:
+            with a keyword batch holding an integer ``attention_mask`` whose shape is the
+            input's leading dims, its zero entries): a uniform random subset without
             replacement (seeded), in the order the rows were seen. Data with a ``len()`` (a
             list, a ``DataLoader``) is read whole and sampled; an iterator or generator
             (which may be endless) is read only until every module that ran holds
@@ -151,12 +153,16 @@ def record_inputs(
                 )
             # A copy: the model may later change its activations in place.
             rows = x.detach().reshape(-1, x.shape[-1])
+            mask = current_mask[0]
+            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+                rows = rows[mask.reshape(-1).to(rows.device) != 0]  # padding: never attended
             target = param if param is not None else rows
             reservoirs[name].add(rows.to(device=target.device, dtype=target.dtype, copy=True))
 
         return hook
 
     count = 0
+    current_mask: list[Tensor | None] = [None]
     try:
         for name, module in modules.items():
             handles.append(
@@ -171,6 +177,7 @@ def record_inputs(
         sized = _has_length(calibration_data)
         with torch.no_grad():
             for count, item in enumerate(batches, 1):
+                current_mask[0] = padding_mask(item)
                 _call(model, item, count - 1)
                 if not sized and (count >= max_rows or _full(reservoirs.values())):
                     break  # an unsized stream may never end: stop once it has given enough
@@ -190,6 +197,19 @@ def record_inputs(
             recorded = like.new_empty(0, getattr(module, "in_features", 0))
         out[name] = recorded
     return out
+
+
+def padding_mask(item: object) -> Tensor | None:
+    """The ``attention_mask`` of a keyword batch (a tokenizer's output), else ``None``.
+
+    Rows of a module's input whose leading dims have this shape and whose mask entry is 0
+    belong to padding tokens: attention never reads them, so they take no part in the model's
+    output and are left out of calibration statistics and distillation losses."""
+    if isinstance(item, Mapping):
+        mask = item.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim >= 1 and not mask.is_floating_point():
+            return mask
+    return None
 
 
 def call_order(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._calibrate import _call, _check_data
+from ._calibrate import _call, _check_data, padding_mask
 from ._config import show_progress
 from ._linear import FactorizedLinear
 
@@ -41,7 +41,8 @@ F64 = torch.float64
 class DistillReport:
     """What :func:`distill_` did. Errors are the relative squared error of the outputs,
     ``sum ||y - y_teacher||^2 / sum ||y_teacher||^2`` over the held-out batches (every
-    floating output tensor)."""
+    floating output tensor; positions a keyword batch's integer ``attention_mask`` marks as
+    padding are left out of outputs shaped like it)."""
 
     before: float
     after: float
@@ -87,13 +88,22 @@ def _pairs(student: Any, teacher: Any) -> list[tuple[Tensor, Tensor]]:
     return [(s[k], t[k]) for k in s]
 
 
-def _squared_errors(student: Any, teacher: Any) -> tuple[Tensor, Tensor]:
-    """``(sum ||s - t||^2, sum ||t||^2)`` over the output tensors (in float32 or wider)."""
+def _squared_errors(
+    student: Any, teacher: Any, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(sum ||s - t||^2, sum ||t||^2)`` over the output tensors (in float32 or wider);
+    with a padding ``mask`` (see :func:`~tensorized._calibrate.padding_mask`), the entries
+    of an output whose leading dims have the mask's shape count only where it is nonzero."""
     errors, norms = [], []
     for s, t in _pairs(student, teacher):
         dtype = torch.promote_types(s.dtype, torch.float32)
-        errors.append((s.to(dtype) - t.to(dtype)).pow(2).sum())
-        norms.append(t.to(dtype).pow(2).sum())
+        diff, ref = (s.to(dtype) - t.to(dtype)).pow(2), t.to(dtype).pow(2)
+        if mask is not None and tuple(t.shape[: mask.ndim]) == tuple(mask.shape):
+            keep = (mask != 0).to(device=t.device, dtype=dtype)
+            keep = keep.reshape(*mask.shape, *([1] * (t.ndim - mask.ndim)))
+            diff, ref = diff * keep, ref * keep
+        errors.append(diff.sum())
+        norms.append(ref.sum())
     return sum(errors[1:], errors[0]), sum(norms[1:], norms[0])
 
 
@@ -101,7 +111,8 @@ def _held_out_error(model: nn.Module, teacher: nn.Module, batches: list[Any]) ->
     err = norm = 0.0
     with torch.no_grad():
         for k, item in enumerate(batches):
-            e, n = _squared_errors(_call(model, item, k, "data"), _call(teacher, item, k, "data"))
+            student, target = _call(model, item, k, "data"), _call(teacher, item, k, "data")
+            e, n = _squared_errors(student, target, padding_mask(item))
             err, norm = err + float(e), norm + float(n)
     return err / max(norm, torch.finfo(F64).tiny)
 
@@ -241,7 +252,8 @@ def distill_(
                     g["lr"] = g["base"] * max(factor, 0.02)
                 with torch.no_grad():
                     target = _call(teacher, fit[i], i, "data")
-                err, norm = _squared_errors(_call(model, fit[i], i, "data"), target)
+                student = _call(model, fit[i], i, "data")
+                err, norm = _squared_errors(student, target, padding_mask(fit[i]))
                 loss = err / norm.clamp_min(torch.finfo(norm.dtype).tiny)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
