@@ -231,7 +231,7 @@ def allocate_choices(
         if not by_format:
             names = [c.name for c in classes]
             raise ValueError(f"weights[{k}]: none of the formats {names} accepts modes {pair}")
-        dense = (math.prod(W.shape), 0.0, ("dense", "same"))
+        dense = (math.prod(W.shape), 0.0, (get_format("dense").name, None))  # kept whole
         options = sorted([o for c in by_format.values() for o in c] + [dense], key=_by_cost)
         curves.append(_pareto(options))
         per_format.append(by_format)
@@ -251,7 +251,7 @@ def allocate_choices(
             fits = [e for p, e, _ in c if p <= params]
             others.append(f"{fmt} {min(fits):.3g}" if fits else f"{fmt} -")
         why = f"{share:.0%} of its weights; error at that share: {', '.join(others)}"
-        out.append(Choice(name, None if name == "dense" else rank, error, why))
+        out.append(Choice(name, rank, error, why))
     return out
 
 
