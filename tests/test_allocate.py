@@ -277,3 +277,15 @@ def test_allocate_choices_rejects_bad_formats():
         allocate_choices([W], [((4, 4), (4, 4))], ["nope"], 100)
     with pytest.raises(ValueError, match="none of the formats"):
         allocate_choices([W], [((16,), (4, 4))], ["blocktt"], 100)
+
+
+def test_importance_moves_the_budget_to_the_layer_that_matters():
+    from tensorized._allocate import allocate_choices
+
+    W1, W2 = with_spectrum(64, 64, 0.95, 0), with_spectrum(64, 64, 0.95, 1)
+    modes = [((64,), (64,))] * 2
+    budget = 24 * FORMATS["lowrank"].param_count((64,), (64,), 1)
+    even = allocate_choices([W1, W2], modes, ["lowrank"], budget)
+    tilted = allocate_choices([W1, W2], modes, ["lowrank"], budget, importance=[10.0, 1.0])
+    assert abs(even[0].rank - even[1].rank) <= 1
+    assert tilted[0].rank > even[0].rank and tilted[1].rank < even[1].rank

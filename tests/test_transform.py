@@ -537,7 +537,15 @@ def test_budget_allocation_contract(monkeypatch):
     model, seen = Net(), {}
 
     def allocate_choices(
-        weights, modes, formats, budget, *, grams=None, decomposition_kwargs=None, candidates=None
+        weights,
+        modes,
+        formats,
+        budget,
+        *,
+        grams=None,
+        importance=None,
+        decomposition_kwargs=None,
+        candidates=None,
     ):
         seen.update(
             shapes=[tuple(w.shape) for w in weights],
@@ -545,6 +553,7 @@ def test_budget_allocation_contract(monkeypatch):
             budget=budget,
             formats=tuple(formats),
             grams=grams,
+            importance=importance,
             kwargs=decomposition_kwargs,
         )
         return [
@@ -572,6 +581,7 @@ def test_budget_allocation_contract(monkeypatch):
         "budget": round(0.3 * (8 * 32 + 2 * 32 * 32)),
         "formats": ("tucker",),
         "grams": None,  # no calibration data: weight errors
+        "importance": None,
         "kwargs": {"n_iter_max": 3},
     }
     assert [r.rank for r in report] == [(2, 2, 2, 2), (3, 3, 3, 3)]

@@ -173,6 +173,7 @@ def allocate_choices(
     budget: int,
     *,
     grams: Sequence[Tensor | None] | None = None,
+    importance: Sequence[float] | None = None,
     decomposition_kwargs: Mapping | None = None,
     candidates: Sequence[float] | None = None,
 ) -> list[Choice]:
@@ -189,11 +190,14 @@ def allocate_choices(
             all its layers), or ``None`` for a weight without one (then its relative weight
             error); ``None`` for all: absolute squared weight errors, as
             :func:`allocate_ranks`.
+        importance: per weight, a factor on its errors (e.g. ``output_sensitivity``: how
+            much of the model's output error a unit of the weight's own relative error
+            costs); ``None``: all 1.
         decomposition_kwargs: options for the curves' decompositions.
         candidates: fractions of each weight's parameters for the curves.
 
     Returns:
-        One :class:`Choice` per weight.
+        One :class:`Choice` per weight (``error`` includes its importance).
     """
     classes = [get_format(f) for f in formats]
     if not classes or len({c.name for c in classes}) != len(classes):
@@ -222,6 +226,7 @@ def allocate_choices(
             target, norm_sq = _curve_target(cls, W_k, in_modes, out_modes, C)
             curve = cls.error_curve(target, in_modes, out_modes, L, scope, kwargs)
             scale = 1.0 / norm_sq if grams is not None else 1.0  # relative: layers alike
+            scale *= 1.0 if importance is None else float(importance[k])
             # Below the float64 round-off of a decomposition an error is zero: no parameter
             # is spent to lower it further.
             floor = 1e-12 * norm_sq

@@ -144,7 +144,8 @@ class TensorizeConfig:
             minimize the total error (greedy on each layer's error curve, as
             :func:`tensorized.allocate_ranks`), where a layer may also stay dense. With
             calibration data the errors are the layers' relative output errors on their
-            recorded inputs, else weight errors.
+            recorded inputs, each weighted by the model's output sensitivity to the layer;
+            else weight errors.
         decomposition_kwargs: options of the decompositions (e.g. ``n_iter_max``), kept as a
             read-only copy.
         calibration_steps: optimizer steps per layer (or group) with calibration data.

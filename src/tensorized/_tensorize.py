@@ -223,7 +223,9 @@ def tensorize_(
         from ._calibrate import _check_data, record_inputs
 
         _check_data(data)
-        if sequential:  # replayed once per layer: the same samples, in the same order
+        if sequential or config.rank_allocation == "budget":
+            # replayed (sequential: once per layer; a budget: to probe the output's
+            # sensitivity): the same samples, in the same order, even from a stream
             data = _Replay(data)
         modules = {n: m for u in units for n, m in u.members}
         rows = config.calibration_rows
@@ -234,7 +236,7 @@ def tensorize_(
             position = {n: k for k, n in enumerate(call_order(model, modules, data))}
             last = len(position)
             order.sort(key=lambda k: min(position.get(n, last) for n, _ in units[k].members))
-    choices = _choices(units, config, inputs)
+    choices = _choices(units, config, inputs, model, data)
     params_before = sum(p.numel() for p in model.parameters())
     from tqdm import tqdm
 
@@ -263,10 +265,15 @@ def tensorize_(
 
 
 def _choices(
-    units: list[_Unit], config: TensorizeConfig, inputs: Mapping[str, Tensor] | None
+    units: list[_Unit],
+    config: TensorizeConfig,
+    inputs: Mapping[str, Tensor] | None,
+    model: nn.Module,
+    data: Iterable,
 ) -> list[Choice]:
     """Each unit's format and rank: the config's, or a budgeted allocation over all units
-    (by output error where calibration inputs were recorded)."""
+    (with calibration data: by each unit's relative output error on its recorded inputs,
+    weighted by the model's output sensitivity to that unit)."""
     from ._allocate import AUTO_FORMATS, Choice, allocate_choices
 
     if config.rank_allocation == "uniform":
@@ -282,10 +289,23 @@ def _choices(
         formats = AUTO_FORMATS
     elif isinstance(formats, str):
         formats = (formats,)
-    grams = None if inputs is None else [_gram(u, inputs) for u in units]
+    grams = importance = None
+    if inputs is not None:
+        from ._sensitivity import output_sensitivity
+
+        grams = [_gram(u, inputs) for u in units]
+        groups = {u.name: [m for _, m in u.members] for u in units}
+        found = output_sensitivity(model, groups, data)
+        importance = [found[u.name] for u in units]
     kwargs = dict(config.decomposition_kwargs)
     return allocate_choices(
-        weights, modes, formats, budget, grams=grams, decomposition_kwargs=kwargs
+        weights,
+        modes,
+        formats,
+        budget,
+        grams=grams,
+        importance=importance,
+        decomposition_kwargs=kwargs,
     )
 
 
