@@ -291,8 +291,9 @@ def distill(
     relative amount per step as the library's layers do with the default.
 
     ``on='outputs'`` matches every floating output of the model (the last hidden state at
-    every position, padding included, and the pooler output); ``'embedding'`` only the
-    mean-pooled sentence embedding (both models wrapped in :class:`Pooled`)."""
+    every non-padding position, as ``distill_`` masks padding by the attention mask, and the
+    pooler output); ``'embedding'`` only the mean-pooled sentence embedding (both models
+    wrapped in :class:`Pooled`)."""
     student, teacher = (Pooled(model), Pooled(original)) if on == "embedding" else (model, original)
     baseline = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
     if not baseline:
@@ -679,7 +680,8 @@ with the same data, epochs, seed and schedule; since `distill_` divides the rela
 number of factors only for its own layers, the baselines (2 factors) get `lr=0.005` (= the
 default 0.01 / 2) so that each layer's weight moves by the same relative amount per step.
 Distillation target, here {on}: `outputs` = `distill_`'s loss on every floating output of the
-model (the last hidden state at every position, padding included, and the pooler output);
+model (the last hidden state at every non-padding position: distill_ masks padding by the
+attention mask; and the pooler output);
 `embedding` = both models wrapped so that the mean-pooled embedding is the only output. Metrics:
 sentence embedding = attention-mask weighted mean of the last hidden state; cosine to the
 original's embedding on the held-out sentences (mean, 1st percentile via `torch.quantile(0.01)`,
