@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._ops import kronecker_factors, mode_dot, symmetric_root
+from ._ops import kronecker_whiten, symmetric_root
 from ._ranks import ConcreteRank, RankBudgetWarning, smallest_rank
 from ._shapes import Modes, validate_modes
 from .formats import FactorizedMatrix, get_format
@@ -289,9 +289,7 @@ def _curve_target(
         lead = W.shape[:-2]
         tensor = W.double().reshape(*lead, *out_modes, *in_modes)
         first = len(lead) + len(out_modes)
-        for k, c in enumerate(kronecker_factors(C, in_modes)):
-            tensor = mode_dot(tensor, symmetric_root(c)[0], first + k)
-        target = tensor.reshape(W.shape)
+        target = kronecker_whiten(tensor, C, in_modes, first)[0].reshape(W.shape)
     else:  # a format without per-mode factors: its weight error, relative
         target = W.double()
     return target.to(W.dtype), max(float(target.pow(2).sum()), torch.finfo(torch.float64).tiny)

@@ -67,6 +67,20 @@ def symmetric_root(c: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tensor]:
     return (vecs * lam.sqrt()) @ vecs.T, (vecs / lam.sqrt()) @ vecs.T
 
 
+def kronecker_whiten(
+    tensor: Tensor, gram: Tensor, modes: Sequence[int], first: int
+) -> tuple[Tensor, list[Tensor]]:
+    """``tensor`` with its axes ``first, first + 1, ...`` (sizes ``modes``) multiplied by
+    ``C_k^{1/2}``, the roots of the Kronecker factors of ``gram``
+    (:func:`kronecker_factors`), and the inverse roots ``C_k^{-1/2}`` that undo it."""
+    inverses = []
+    for k, c in enumerate(kronecker_factors(gram, modes)):
+        root, inverse = symmetric_root(c)
+        tensor = mode_dot(tensor, root, first + k)
+        inverses.append(inverse)
+    return tensor, inverses
+
+
 def unfold(tensor: Tensor, axis: int) -> Tensor:
     """Mode-``axis`` unfolding: ``(n_axis, prod of the other sizes)``."""
     return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)

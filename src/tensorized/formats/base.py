@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._index import normalize_index
-from .._ops import kronecker_factors, mode_dot, symmetric_root
+from .._ops import kronecker_whiten, mode_dot
 from .._shapes import Modes, validate_modes
 from ._strategy import Gemm, Strategy, WeightShape
 
@@ -483,15 +483,13 @@ class FactorizedMatrix(nn.Module):
         """
         if self._in_mode_factors() is None:
             return False
-        roots = [symmetric_root(c) for c in kronecker_factors(gram.double(), self.in_modes)]
         lead = (self.n_layers,) if self.n_layers > 1 else ()
         tensor = weight.double().reshape(*lead, *self.out_modes, *self.in_modes)
         first = len(lead) + len(self.out_modes)
-        for k, (root, _) in enumerate(roots):
-            tensor = mode_dot(tensor, root, first + k)
+        tensor, inverses = kronecker_whiten(tensor, gram.double(), self.in_modes, first)
         dtype = next(self.parameters()).dtype
         self.load_values(self._decompose(tensor.to(dtype), **decomposition_kwargs))
-        for (param, dim), (_, inverse) in zip(self._in_mode_factors() or [], roots):
+        for (param, dim), inverse in zip(self._in_mode_factors() or [], inverses):
             param.copy_(mode_dot(param.double(), inverse, dim))
         return True
 

@@ -35,18 +35,19 @@ def _split(w: CPFormat, layer: int | None) -> tuple[Tensor, list[Tensor], list[T
     return scale, factors[:m], factors[m:]
 
 
-def _prepare_factorized(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
-    # The Khatri-Rao products of the in- and out-factors: (in, R) and (out, R). The scale
-    # multiplies the smallest in-factor rather than the (in, R) product: the same operand,
-    # a fraction of the elements written. (_split inlined: this runs on every call.)
-    factors = listed(member(w, "factors"))
-    scale: Tensor = member(w, "weights")
-    if layer is not None:
-        scale = scale * factors.pop(0)[layer]
-    m, k = w._n_out, w._smallest_in
-    ins = factors[m:]
+def _scaled(w: CPFormat, layer: int | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Out and in factors, the per-component scale folded into the smallest in-factor: the
+    same operands as scaling a product, a fraction of the elements written."""
+    scale, outs, ins = _split(w, layer)
+    k = w._smallest_in
     ins[k] = ins[k] * scale
-    return khatri_rao(ins), khatri_rao(factors[:m])
+    return outs, ins
+
+
+def _prepare_factorized(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
+    # The Khatri-Rao products of the in- and out-factors: (in, R) and (out, R).
+    outs, ins = _scaled(w, layer)
+    return khatri_rao(ins), khatri_rao(outs)
 
 
 def _work_factorized(s: WeightShape, batch: int) -> Work:
@@ -56,14 +57,8 @@ def _work_factorized(s: WeightShape, batch: int) -> Work:
 
 def _prepare_sequential(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
     # The in- then out-factors, the scale folded into the smallest in-factor.
-    factors = listed(member(w, "factors"))
-    scale: Tensor = member(w, "weights")
-    if layer is not None:
-        scale = scale * factors.pop(0)[layer]
-    k = w._n_out + w._smallest_in
-    factors[k] = factors[k] * scale
-    m = w._n_out
-    return (*factors[m:], *factors[:m])
+    outs, ins = _scaled(w, layer)
+    return (*ins, *outs)
 
 
 def _apply_sequential(
