@@ -22,9 +22,18 @@ def _einsum(operands, subscripts, out):
 
 def _cp(layer, factors, weights):
     """``T[l, n_1..] = sum_r weights[r] * layer[l, r] * prod_k factors[k][n_k, r]``."""
+    # Two halves contracted over z last: one einsum over every factor would (without
+    # opt_einsum, which torch.einsum only uses when installed) go left to right through
+    # (L, n_1..n_d, R), thousands of times the weight's size.
     modes = _LETTERS[1 : 1 + len(factors)]
-    subs = ["z", "az", *(m + "z" for m in modes)]
-    return _einsum([weights, layer, *factors], subs, "a" + modes)
+    h = len(factors) // 2
+    head = _einsum(
+        [weights, layer, *factors[:h]],
+        ["z", "az", *(m + "z" for m in modes[:h])],
+        "a" + modes[:h] + "z",
+    )
+    tail = _einsum(factors[h:], [m + "z" for m in modes[h:]], modes[h:] + "z")
+    return _einsum([head, tail], ["a" + modes[:h] + "z", modes[h:] + "z"], "a" + modes)
 
 
 def _tucker(core, factors):

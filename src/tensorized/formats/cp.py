@@ -56,8 +56,10 @@ def _work_factorized(s: WeightShape, batch: int) -> Work:
 
 
 def _prepare_sequential(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
-    # The in- then out-factors, the scale folded into the smallest in-factor.
+    # In the order the apply uses them: the last in-factor, the other in-factors last to
+    # first, then the out-factors; the scale folded into the smallest in-factor.
     outs, ins = _scaled(w, layer)
+    ins.reverse()
     return (*ins, *outs)
 
 
@@ -67,12 +69,13 @@ def _apply_sequential(
     # Mode by mode, never forming a Khatri-Rao product: one GEMM on the last in mode,
     # element-wise folds of the other in modes, then the mirror image on the out side.
     # Cheap when batch * R is small (e.g. training at batch 1), costly otherwise. Every
-    # reshape leaves the batch to -1: no shape arithmetic per call.
-    n, R = w._n_in, w.rank
-    t = x.reshape(-1, w.in_modes[-1]) @ ops[n - 1]  # (B * i_1..i_{n-1}, R)
-    for k in range(n - 2, -1, -1):  # fold i_k: (B * i_1..i_{k-1}, i_k, R) -> sum over i_k
-        t = (t.view(-1, w.in_modes[k], R) * ops[k]).sum(1)
-    for f in ops[n:-1]:  # (B, o_1..o_{j-1}, R) -> (B, o_1..o_j, R)
+    # reshape leaves the batch to -1 and every size was bound at construction: at batch 1
+    # this runs in about as much Python as its kernels' own bindings.
+    R = w.rank
+    t = x.reshape(-1, w._last_in) @ ops[0]  # (B * i_1..i_{n-1}, R)
+    for size, f in zip(w._folds, ops[1:]):  # fold i_k: (B * i_1..i_{k-1}, i_k, R) -> sum
+        t = (t.view(-1, size, R) * f).sum(1)
+    for f in ops[w._n_in : -1]:  # (B, o_1..o_{j-1}, R) -> (B, o_1..o_j, R)
         t = t.unsqueeze(-2) * f
     return add_bias(F.linear(t.reshape(-1, R), ops[-1]).view(-1, w.out_features), bias)
 
@@ -147,6 +150,8 @@ class CPFormat(FactorizedMatrix):
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(n, R, **factory)) for n in sizes])
         self._n_out, self._n_in = len(self.out_modes), len(self.in_modes)
         self._smallest_in = min(range(len(self.in_modes)), key=self.in_modes.__getitem__)
+        # bound for the sequential strategy: the first GEMM's mode, then the folded modes
+        self._last_in, self._folds = self.in_modes[-1], tuple(self.in_modes[-2::-1])
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         scale, outs, ins = _split(self, layer)
