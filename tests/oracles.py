@@ -73,6 +73,8 @@ def _layers(fm):
         return fm.weight.to(F64).reshape(L, out_f, in_f)
     if name == "lowrank":
         return _einsum([fm.U, fm.s, fm.V], ["aor", "ar", "air"], "aoi")
+    if name == "basis":  # a basis V of the inputs shared by the layers' U_l
+        return _einsum([fm.U, fm.V], ["aor", "ir"], "aoi")
     if name == "cp":
         factors = list(fm.factors)
         layer = factors.pop(0) if L > 1 else fm.weights.new_ones(1, fm.weights.shape[0])

@@ -24,6 +24,7 @@ RANKS = {
     "dense": "same",
     "cp": 5,
     "lowrank": 3,
+    "basis": 4,
     "tucker": (2, 3, 2, 3, 4, 2),
     "tt": 3,
     "blocktt": 3,

@@ -283,7 +283,8 @@ def _curve_target(
     if C is None:
         return W, float(W.double().pow(2).sum())
     C = C.to(device=W.device, dtype=torch.float64)
-    if cls.closed_form_exact:  # 'lowrank': the exact whitened SVD
+    if cls.closed_form_exact or cls.fit_closed_form_all is not FactorizedMatrix.fit_closed_form_all:
+        # 'lowrank': the exact whitened SVD; 'basis': whitened Basis Sharing
         target = W.double() @ symmetric_root(C)[0]
     elif cls._in_mode_factors is not FactorizedMatrix._in_mode_factors:
         lead = W.shape[:-2]

@@ -581,9 +581,11 @@ def _bias(layer: FactorizedLinear, i: int) -> Tensor | None:
 @torch.no_grad()
 def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
     """Data-aware start. A format with an exact closed form in the input-weighted norm
-    (``FactorizedMatrix.fit_closed_form``: 'lowrank', 'dense') takes it; the tensor formats
-    take their Kronecker-whitened decomposition (``fit_kronecker_whitened``) of the targets
-    when its fit loss is lower than the layer's current one. Then the least-squares bias."""
+    ('lowrank', 'dense') takes it (``FactorizedMatrix.fit_closed_form_all``). The others try
+    their approximate closed form where they have one ('basis': whitened Basis Sharing) and
+    their Kronecker-whitened decomposition of the targets (``fit_kronecker_whitened``: the
+    tensor formats), and keep whichever start has the lowest fit loss, the layer's current
+    state included. Then the least-squares bias."""
     weight = layer.weight
     joint = layer.n_layers > 1
     grams = []
@@ -592,25 +594,31 @@ def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
         if layer.bias is None:
             C = C + prob.n_fit * torch.outer(prob.mean, prob.mean)
         grams.append(C)
+    targets = [prob.W for prob in problems]
+    importance = [1 / prob.norm_sq for prob in problems]  # each loss relative to its target
     if type(weight).closed_form_exact:
-        for i, (prob, C) in enumerate(zip(problems, grams)):
-            weight.fit_closed_form(i if joint else None, prob.W, C)
+        weight.fit_closed_form_all(targets, grams, importance)
         _fit_bias(layer, problems)
         return
     _fit_bias(layer, problems)
-    current, loss = _snapshot(layer), _fit_loss(layer, problems)
-    targets = torch.stack([prob.W for prob in problems]) if joint else problems[0].W
-    # One Kronecker factorization for all layers: the mean of their normalized grams, with
-    # the ridge of the fit loss (which also keeps the per-mode factors invertible).
+    best, loss = _snapshot(layer), _fit_loss(layer, problems)
     eye = torch.eye(grams[0].shape[0], dtype=F64, device=grams[0].device)
-    normalized = [
-        (C + p.ridge * eye) / (C.diagonal().mean() + p.ridge) for C, p in zip(grams, problems)
-    ]
+    ridged = [C + p.ridge * eye for C, p in zip(grams, problems)]  # the fit loss's own norm
+    # One Kronecker factorization for all layers: the mean of their normalized grams.
+    normalized = [C / C.diagonal().mean() for C in ridged]
     gram = torch.stack(normalized).mean(0)
-    if weight.fit_kronecker_whitened(targets, gram):
-        _fit_bias(layer, problems)
-        if not _fit_loss(layer, problems) < loss:
-            _restore(layer, current)
+    stacked = torch.stack(targets) if joint else targets[0]
+    attempts = (
+        lambda: weight.fit_closed_form_all(targets, ridged, importance),
+        lambda: weight.fit_kronecker_whitened(stacked, gram),
+    )
+    for attempt in attempts:
+        if attempt():
+            _fit_bias(layer, problems)
+            found = _fit_loss(layer, problems)
+            if found < loss:
+                best, loss = _snapshot(layer), found
+    _restore(layer, best)
 
 
 def _fit_bias(layer: FactorizedLinear, problems: list[_Problem]) -> None:

@@ -13,6 +13,8 @@ name         class              aliases
 ``tt``       :class:`TTFormat`       (the plain tensor train)
 ``blocktt``  :class:`BlockTTFormat`  ``ttm``, ``tt-matrix``, ``ttmatrix``, ``mpo``
 ``lowrank``  :class:`LowRankFormat`  ``low-rank``
+``basis``    :class:`SharedBasisFormat` ``basis-sharing``, ``shared-basis`` (one basis
+                                    shared by the layers of a joint group)
 ``dense``    :class:`DenseFormat`
 ============ ================== ===========================================
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 from ._registry import FORMATS, canonical_name, get_format, register_format
 from ._strategy import Strategy, WeightShape, Work
 from .base import FactorizedMatrix
+from .basis import SharedBasisFormat
 from .blocktt import BlockTTFormat
 from .cp import CPFormat
 from .dense import DenseFormat
@@ -36,6 +39,7 @@ __all__ = [
     "DenseFormat",
     "FactorizedMatrix",
     "LowRankFormat",
+    "SharedBasisFormat",
     "Strategy",
     "TTFormat",
     "TuckerFormat",
@@ -46,6 +50,14 @@ __all__ = [
     "register_format",
 ]
 
-for _cls in (CPFormat, TuckerFormat, TTFormat, BlockTTFormat, LowRankFormat, DenseFormat):
+for _cls in (
+    CPFormat,
+    TuckerFormat,
+    TTFormat,
+    BlockTTFormat,
+    LowRankFormat,
+    SharedBasisFormat,
+    DenseFormat,
+):
     register_format(_cls)
 del _cls

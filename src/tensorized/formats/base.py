@@ -460,6 +460,25 @@ class FactorizedMatrix(nn.Module):
         return False
 
     @torch.no_grad()
+    def fit_closed_form_all(
+        self,
+        weights: Sequence[Tensor],
+        grams: Sequence[Tensor],
+        importance: Sequence[float] | None = None,
+    ) -> bool:
+        """Fit every layer at once: minimize ``sum_l importance_l ||(W_l - What_l) S_l||_F^2``
+        (``S_l S_l^T = grams[l]``; ``importance`` defaults to ones), if the format has a
+        closed form. This default fits each layer alone by :meth:`fit_closed_form` (the
+        layers share no parameter, so the weights of the sum do not matter); a format whose
+        layers share parameters overrides it. Returns whether it did."""
+        joint = self.n_layers > 1
+        fitted = [
+            self.fit_closed_form(i if joint else None, W, C)
+            for i, (W, C) in enumerate(zip(weights, grams))
+        ]
+        return all(fitted)
+
+    @torch.no_grad()
     def fit_kronecker_whitened(
         self, weight: Tensor, gram: Tensor, **decomposition_kwargs: Any
     ) -> bool:
