@@ -3,10 +3,10 @@ and normal equations, and a joint group compressed by ``tensorize_`` with calibr
 
 import pytest
 import torch
-from oracles import dense_weight
 from torch import nn
 
 import tensorized as tz
+from oracles import dense_weight
 from tensorized.formats import get_format
 
 F64 = torch.float64
