@@ -497,6 +497,7 @@ class Bench:
                 rank=budget,
                 target_modules=TARGET,
                 rank_allocation=alloc,
+                joint=self.args.joint,
                 calibration_steps=self.args.steps,
                 progress=False,
             )
@@ -545,6 +546,9 @@ class Bench:
         if alloc != self.args.allocation:
             for r in self.rows[first:]:
                 r["note"] = f"rank_allocation={alloc}; " + r["note"]
+        if self.args.joint:
+            for r in self.rows[first:]:
+                r["note"] = "joint=True; " + r["note"]
 
     def run(self) -> None:
         for budget in self.args.budgets:
@@ -737,6 +741,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--formats", default="tucker,tt,blocktt,cp,lowrank,auto", help="library formats")
     add("--allocation", default="budget", choices=("budget", "uniform"), help="rank_allocation")
     add("--steps", type=int, default=50, help="calibration steps per layer")
+    add(
+        "--joint",
+        action="store_true",
+        help="joint=True: the six blocks' same-shaped layers form one group each "
+        "(for the 'basis' format: one shared basis per group)",
+    )
     add("--distill-epochs", type=int, default=2)
     add(
         "--distill-on",
