@@ -33,6 +33,7 @@ OPTIONS = {
     "tt": [{}, {"method": "randomized", "n_oversamples": 2}],
     "blocktt": [{}, {"method": "randomized", "n_oversamples": 2, "seed": 3}],
     "lowrank": [{}, {"method": "randomized"}, {"method": "randomized", "seed": 3}],
+    "basis": [{}, {"method": "randomized"}, {"method": "randomized", "seed": 3}],
     "dense": [{}],
 }
 CASES = [(fmt, opts) for fmt, variants in OPTIONS.items() for opts in variants]

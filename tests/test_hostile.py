@@ -34,7 +34,7 @@ from tensorized.cli import inspect_file, inspect_model, main
 pytestmark = pytest.mark.filterwarnings("ignore::tensorized.RankBudgetWarning")
 
 F64 = torch.float64
-FORMATS = ["cp", "tucker", "tt", "blocktt", "lowrank", "dense"]
+FORMATS = list(tz.formats.FORMATS)  # every registered format
 RANK = {"dense": "same", "cp": 6, "lowrank": 3}
 
 
