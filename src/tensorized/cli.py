@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--factorization",
         "-f",
         metavar="F",
-        help="cp, tucker, tt, blocktt, lowrank, dense; with --rank-allocation budget also "
+        help=f"{', '.join(FORMATS)}; with --rank-allocation budget also "
         "auto or a comma-separated list (a format per layer)",
     )
     comp.add_argument(
