@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._shapes import Modes
 
-__all__ = ["CHAIN_SAMPLES", "chain", "family", "gram", "sample", "tails"]
+__all__ = ["CHAIN_SAMPLES", "chain", "family", "gram", "sample", "spectrum", "tails"]
 
 CHAIN_SAMPLES = 24  # chain members whose error is computed by an actual decomposition
 
@@ -51,6 +51,19 @@ def tails(s2: Tensor) -> Tensor:
     """``tails[r] = sum(s2[r:])`` for ``r = 0 .. len(s2)``: the error of keeping ``r``."""
     rev = torch.cumsum(s2.flip(0), 0).flip(0)
     return torch.cat([rev, rev.new_zeros(1)])
+
+
+def spectrum(
+    cls: Any, in_modes: Modes, out_modes: Modes, n_layers: int, s2: Tensor
+) -> list[tuple[int, float, Any]]:
+    """Every int rank ``r = 1 .. len(s2)`` of a format whose squared error at rank ``r`` is
+    exactly ``tails(s2)[r]`` (a truncated SVD: Eckart-Young-Mirsky), as curve options
+    ``(parameters, squared error, r)``."""
+    rest = tails(s2)
+    return [
+        (cls.param_count(in_modes, out_modes, r, n_layers), float(rest[r]), r)
+        for r in range(1, len(s2) + 1)
+    ]
 
 
 def chain(

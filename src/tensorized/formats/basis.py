@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
+from .._ops import symmetric_root
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
@@ -117,11 +118,7 @@ class SharedBasisFormat(FactorizedMatrix):
         """Every rank, with the exact error: the tail of the squared singular values of the
         stacked layers (Eckart-Young-Mirsky)."""
         s2 = torch.linalg.svdvals(_stacked(weight.to(torch.float64), prod(in_modes))).pow(2)
-        tails = _curves.tails(s2)
-        return [
-            (cls.param_count(in_modes, out_modes, r, n_layers), float(tails[r]), r)
-            for r in range(1, len(s2) + 1)
-        ]
+        return _curves.spectrum(cls, in_modes, out_modes, n_layers, s2)
 
     @torch.no_grad()
     def fit_closed_form(self, layer: int | None, weight: Tensor, gram: Tensor) -> bool:
@@ -155,15 +152,11 @@ class SharedBasisFormat(FactorizedMatrix):
         scales = [1.0] * len(weights) if importance is None else list(importance)
         Cs = [C.double() for C in grams]
         mean = torch.stack([C / C.diagonal().mean().clamp_min(1e-300) for C in Cs]).mean(0)
-        lam, vecs = torch.linalg.eigh(mean)
-        lam = lam.clamp_min(1e-12 * float(lam.max()))  # keeps S invertible
-        root, inverse_root = vecs * lam.sqrt(), vecs / lam.sqrt()  # S and S^{-T}
+        root, inverse_root = symmetric_root(mean, floor=1e-12)  # S and S^{-T} = S^{-1}
         stacked = torch.cat([(W.double() @ root) * s**0.5 for W, s in zip(weights, scales)])
         Vr = torch.linalg.svd(stacked, full_matrices=False)[2][: self.rank].T  # (in, r)
         basis = inverse_root @ Vr
         basis = torch.linalg.qr(basis)[0]  # the same span, well conditioned
         self.V.copy_(basis)
-        joint = self.n_layers > 1
-        for i, (W, C) in enumerate(zip(weights, Cs)):
-            self.fit_closed_form(i if joint else None, W, C)
-        return True
+        # each layer's U_l for this basis and its own gram: the per-layer default
+        return super().fit_closed_form_all(weights, Cs)

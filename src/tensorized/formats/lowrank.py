@@ -110,11 +110,7 @@ class LowRankFormat(FactorizedMatrix):
         summed over the layers of a joint group)."""
         W = weight.to(torch.float64).reshape(n_layers, *weight.shape[-2:])
         s2 = torch.linalg.svdvals(W).pow(2).sum(0)
-        tails = _curves.tails(s2)
-        return [
-            (cls.param_count(in_modes, out_modes, r, n_layers), float(tails[r]), r)
-            for r in range(1, len(s2) + 1)
-        ]
+        return _curves.spectrum(cls, in_modes, out_modes, n_layers, s2)
 
     @torch.no_grad()
     def fit_closed_form(self, layer: int | None, weight: Tensor, gram: Tensor) -> bool:
