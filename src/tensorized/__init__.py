@@ -1,4 +1,4 @@
-"""tensorized: tensor-factorized linear layers for PyTorch.
+"""tensorized: tensor-factorized linear layers and embedding tables for PyTorch.
 
 Public modules: ``tensorized`` (this namespace), :mod:`tensorized.formats` (the formats,
 their strategies and :func:`~tensorized.formats.register_format`) and
@@ -9,6 +9,7 @@ from ._allocate import allocate_ranks
 from ._calibrate import CalibrationResult, calibrate, record_inputs
 from ._config import TensorizeConfig
 from ._distill import DistillReport, distill_
+from ._embedding import EmbeddingView, FactorizedEmbedding
 from ._linear import FactorizedLinear
 from ._plan import Plan, StrategyCost, make_plan, plan_cache_info
 from ._ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
@@ -22,6 +23,8 @@ from .formats import FactorizedMatrix, get_format, register_format
 __all__ = [
     "CalibrationResult",
     "DistillReport",
+    "EmbeddingView",
+    "FactorizedEmbedding",
     "FactorizedLinear",
     "FactorizedMatrix",
     "LayerReport",

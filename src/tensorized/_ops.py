@@ -112,3 +112,42 @@ def frobenius_error(reference: Tensor, approximation: Tensor) -> float:
     if norm == 0:
         return float(diff)
     return float(diff / norm)
+
+
+def sliced_matmul(h: Tensor, slices: Tensor, index: Tensor) -> Tensor:
+    """``out[b] = h[b] @ slices[index[b]]``: ``h (n, a, r)``, ``slices (o, r, c)``, ``index
+    (n,)`` -> ``(n, a, c)``; the per-row core products of a tensor-train lookup.
+
+    With more rows than slices, the rows are sorted by slice and each slice multiplies its
+    whole group in one GEMM: nothing of size ``n x r x c`` is copied, the grouped products
+    that TT-Rec (Yin et al., MLSys 2021) runs as batched GEMMs over slice pointers. With few
+    rows (and under ``torch.compile`` or on ``meta``, where group sizes are unknown) the
+    slices are gathered and one ``bmm`` runs.
+    """
+    (n, a, r), o = h.shape, slices.shape[0]
+    grouped = _grouped(n, a, r, slices.shape[-1], o)
+    if not grouped or h.is_meta or torch.compiler.is_compiling():
+        return torch.bmm(h, slices.index_select(0, index))
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=o).tolist()
+    groups = h.index_select(0, order).split(counts)
+    done = torch.cat([g @ slices[v] for v, g in enumerate(groups) if len(g)])
+    # Back to the rows' order by a gather (index_copy into a fresh tensor is twice as slow).
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n, device=order.device)
+    return done.index_select(0, inverse)
+
+
+def sliced_matmul_work(
+    n: int, a: int, r: int, c: int, o: int
+) -> tuple[list[tuple[int, int, int, int]], int, int]:
+    """``(products, element-wise numel, extra calls)`` of :func:`sliced_matmul`."""
+    if not _grouped(n, a, r, c, o):
+        return [(a, r, c, n)], n * r * c, 0
+    return [(n * a, r, c, 1)], n * a * (r + c), min(n, o) + 4
+
+
+def _grouped(n: int, a: int, r: int, c: int, o: int) -> bool:
+    # Grouping copies h twice (sorted in, unsorted out: a (r + c) per row); gathering copies
+    # one slice per row (r c). Group when rows outnumber slices and slices are the larger.
+    return n > o and r * c > a * (r + c)

@@ -37,6 +37,7 @@ __all__ = [
     "PlanCacheInfo",
     "StrategyCost",
     "any_batch_strategy",
+    "estimate",
     "gemms",
     "make_plan",
     "plan_cache_info",
@@ -167,6 +168,16 @@ def strategy_cost(
     """
     weight = _shape_of(weight)
     w = work(weight, strategy, batch)
+    flops, moved, calls, seconds = estimate(w, dtype, device_type, training, cached)
+    return StrategyCost(strategy, flops, 2 * flops, moved, calls, seconds)
+
+
+def estimate(
+    w: Work, dtype: torch.dtype, device_type: str, training: bool = False, cached: bool = False
+) -> tuple[int, int, int, float]:
+    """``(forward FLOPs, bytes moved, kernel calls, estimated seconds)`` of one :class:`Work`
+    on the machine model of ``device_type`` (``prepare`` not paid when ``cached`` in
+    inference)."""
     pays_prepare = training or not cached
     products = w.prepare + w.apply if pays_prepare else w.apply
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -190,7 +201,7 @@ def strategy_cost(
         elementwise += 2 * w.prepare_numel * (3 if training else 1)
     moved += elementwise * itemsize
     seconds += elementwise * itemsize / machine.elementwise_bytes_per_s
-    return StrategyCost(strategy, flops, 2 * flops, moved, len(products), seconds)
+    return flops, moved, len(products), seconds
 
 
 def make_plan(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["Modes", "factorize", "tensorize_shape", "validate_modes"]
+__all__ = ["Modes", "factorize", "tensorize_rows", "tensorize_shape", "validate_modes"]
 
 Modes = tuple[int, ...]
 
@@ -90,6 +90,45 @@ def tensorize_shape(
         order = max(_default_order(in_features), _default_order(out_features))
     _check_positive_int(order, "order")
     return factorize(in_features, order), factorize(out_features, order)
+
+
+def tensorize_rows(n: int, order: int) -> Modes:
+    """Modes for ``n`` table rows (an embedding's vocabulary), padded where ``n`` factors
+    badly.
+
+    The exact balanced split (:func:`factorize`) is kept when its largest mode is at most
+    twice ``n ** (1 / order)``; otherwise (30522 = 2 x 3 x 5087) each mode is the ceiling of
+    the ``k``-th root of what is left to cover, which gives balanced modes whose product is
+    the smallest such cover found, at most a few percent above ``n`` (30522 -> 32 x 31 x 31
+    = 30752). Rows beyond ``n`` are padding that a lookup never returns.
+
+    Example:
+        >>> tensorize_rows(30522, 3)
+        (32, 31, 31)
+        >>> tensorize_rows(1000, 3)
+        (10, 10, 10)
+    """
+    _check_positive_int(n, "num_embeddings")
+    _check_positive_int(order, "n_tensorized_modes")
+    exact = factorize(n, order)
+    if exact[0] <= 2 * math.ceil(n ** (1.0 / order)):
+        return exact
+    modes, left = [], n
+    for k in range(order, 0, -1):
+        mode = _ceil_root(left, k)
+        modes.append(mode)
+        left = -(-left // mode)
+    return tuple(sorted(modes, reverse=True))
+
+
+def _ceil_root(n: int, k: int) -> int:
+    """The smallest int ``m`` with ``m ** k >= n`` (exact, no float rounding error)."""
+    m = max(1, round(n ** (1.0 / k)))
+    while m**k < n:
+        m += 1
+    while m > 1 and (m - 1) ** k >= n:
+        m -= 1
+    return m
 
 
 def validate_modes(modes: int | Sequence[int], features: int | None, name: str) -> Modes:

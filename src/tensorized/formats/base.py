@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .._index import normalize_index
 from .._ops import kronecker_whiten, mode_dot
 from .._shapes import Modes, validate_modes
-from ._strategy import Gemm, Strategy, WeightShape
+from ._strategy import Gemm, Strategy, WeightShape, Work
 
 #: Parameter counts above this (2**50, about 4 PiB in float32) are refused before allocating.
 MAX_PARAMS = 1 << 50
@@ -266,6 +266,45 @@ class FactorizedMatrix(nn.Module):
             )
         y = chosen(self, x.reshape(-1, self.in_features), layer)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: Tensor, layer: int | None = None) -> Tensor:
+        """Rows ``index`` of the ``(out, in)`` matrix of ``layer``: an embedding lookup.
+
+        Formats that implement a per-row path compute each row from the factor slices it
+        uses (never the whole matrix; see :meth:`row_work`); the others rebuild the matrix
+        and gather. Gradients reach only the factor entries the rows use.
+
+        Args:
+            index: 1-D integer tensor of row indices in ``[0, out_features)`` (not checked
+                here: :class:`tensorized.FactorizedEmbedding` validates them).
+            layer: which layer (``None`` when ``n_layers == 1``).
+
+        Returns:
+            ``(len(index), in_features)``.
+        """
+        return self._rows(index, layer)
+
+    def out_digits(self, index: Tensor) -> list[Tensor]:
+        """The multi-index ``(o_1, ..., o_m)`` of each flat row index (row-major, as
+        ``reshape`` splits ``out_features`` into ``out_modes``)."""
+        digits, stride = [], self.out_features
+        for k, mode in enumerate(self.out_modes):
+            stride //= mode
+            d = index // stride if stride > 1 else index
+            digits.append(d % mode if k else d)
+        return digits
+
+    def _rows(self, index: Tensor, layer: int | None) -> Tensor:
+        """Per-row path; this fallback rebuilds the matrix and gathers (formats override it
+        together with :meth:`row_work`)."""
+        return self._to_matrix(layer).index_select(0, index)
+
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work | None:
+        """The work of :meth:`_rows` for ``n`` rows: ``prepare`` on the weight alone,
+        ``apply`` per row (gathered factor slices count as ``apply_numel``); ``None`` for a
+        format without a per-row path (rows are gathered from the rebuilt matrix)."""
+        return None
 
     def check_input(self, x: Tensor) -> None:
         """Raise a ``ValueError`` unless ``x`` is ``(..., in_features)``, a ``TypeError`` if its

@@ -81,6 +81,13 @@ class SharedBasisFormat(FactorizedMatrix):
     def _to_matrix(self, layer: int | None) -> Tensor:
         return self.U[0 if layer is None else layer] @ self.V.T
 
+    def _rows(self, index: Tensor, layer: int | None) -> Tensor:
+        return self.U[0 if layer is None else layer].index_select(0, index) @ self.V.T
+
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work:
+        return Work([], [(n, shape.rank, shape.in_features, 1)], apply_numel=n * shape.rank)
+
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, self.rank, 2)
         nn.init.normal_(self.U, 0.0, sigma)

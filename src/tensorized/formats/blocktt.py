@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
+from .._ops import sliced_matmul, sliced_matmul_work
 from .._shapes import Modes
-from ._strategy import Strategy, WeightShape, Work, reconstructed
+from ._strategy import Gemm, Strategy, WeightShape, Work, reconstructed
 from .base import FactorizedMatrix, add_bias
 from .tt import (
     TrainFormat,
@@ -131,6 +132,28 @@ class BlockTTFormat(TrainFormat):
         perm = list(range(0, 2 * m, 2)) + list(range(1, 2 * m, 2))
         t = product(self.layer_cores(layer)).reshape(pairs).permute(perm)
         return t.reshape(self.out_features, self.in_features)
+
+    def _rows(self, index: Tensor, layer: int | None) -> Tensor:
+        # Per row, the chain of the cores' slices at its out digits, (i_k, r) blocks grown
+        # left to right by batched products: (n, in_1..in_k, r_k) -> (n, in, 1).
+        cores, n = self.layer_cores(layer), len(index)
+        digits = self.out_digits(index)
+        h = cores[0][0].index_select(0, digits[0])  # (n, i_1, r_1)
+        for c, d in zip(cores[1:], digits[1:]):
+            slices = c.transpose(0, 1).reshape(c.shape[1], c.shape[0], -1)  # (o_k, r, i_k r')
+            h = sliced_matmul(h, slices, d).reshape(n, -1, c.shape[-1])
+        return h.reshape(n, self.in_features)
+
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work:
+        shapes, prepare = layer_shapes(shape), layer_merge_work(shape)
+        apply: list[Gemm] = []
+        numel, calls, done = n * shapes[0][2] * shapes[0][3], 0, shapes[0][2]
+        for c in shapes[1:]:
+            products, moved, extra = sliced_matmul_work(n, done, c[0], c[2] * c[3], c[1])
+            apply, numel, calls = apply + products, numel + moved, calls + extra
+            done *= c[2]
+        return Work(prepare, apply, apply_numel=numel, extra_calls=calls)
 
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         cores = decompose.tensor_train_matrix(tensor, len(self.out_modes), self.rank, **kwargs)

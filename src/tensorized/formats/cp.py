@@ -157,6 +157,26 @@ class CPFormat(FactorizedMatrix):
         scale, outs, ins = _split(self, layer)
         return (khatri_rao(outs) * scale) @ khatri_rao(ins).T
 
+    def _rows(self, index: Tensor, layer: int | None) -> Tensor:
+        # The rows' out-factor entries multiplied together (n, R), then one GEMM with the
+        # Khatri-Rao product of the in factors (in, R).
+        scale, outs, ins = _split(self, layer)
+        digits = self.out_digits(index)
+        h = outs[0].index_select(0, digits[0])
+        for f, d in zip(outs[1:], digits[1:]):
+            h = h * f.index_select(0, d)
+        return (h * scale) @ khatri_rao(ins).T
+
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work:
+        R, m = shape.rank, len(shape.out_modes)
+        return Work(
+            [],
+            [(n, R, shape.in_features, 1)],
+            prepare_numel=shape.in_features * R,
+            apply_numel=n * R * (m + 1),
+        )
+
     def _init_factors(self, std: float) -> None:
         nn.init.ones_(self.weights)
         sigma = balanced_std(std, self.rank, len(self.factors))

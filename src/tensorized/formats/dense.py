@@ -64,6 +64,10 @@ class DenseFormat(FactorizedMatrix):
     def _to_matrix(self, layer: int | None) -> Tensor:
         return self.weight if layer is None else self.weight[layer]
 
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work:
+        return Work([], [], apply_numel=n * shape.in_features)  # a gather of stored rows
+
     def _init_factors(self, std: float) -> None:
         nn.init.normal_(self.weight, 0.0, std)
 

@@ -74,6 +74,15 @@ class LowRankFormat(FactorizedMatrix):
         i = 0 if layer is None else layer
         return (self.U[i] * self.s[i]) @ self.V[i].T
 
+    def _rows(self, index: Tensor, layer: int | None) -> Tensor:
+        i = 0 if layer is None else layer
+        return (self.U[i].index_select(0, index) * self.s[i]) @ self.V[i].T
+
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work:
+        r = shape.rank
+        return Work([], [(n, r, shape.in_features, 1)], apply_numel=2 * n * r)
+
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, self.rank, 2)
         nn.init.normal_(self.U, 0.0, sigma)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import decompose
+from .._ops import sliced_matmul, sliced_matmul_work
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
@@ -292,6 +293,30 @@ class TTFormat(TrainFormat):
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         return product(self.layer_cores(layer)).reshape(self.out_features, self.in_features)
+
+    def _rows(self, index: Tensor, layer: int | None) -> Tensor:
+        # Per row, the chain of the out cores' slices at its digits (batched products of
+        # (1, r) by (r, r')), then one GEMM with the multiplied-out in cores (r_m, in).
+        cores, m = self.layer_cores(layer), len(self.out_modes)
+        digits = self.out_digits(index)
+        h = cores[0][0].index_select(0, digits[0]).unsqueeze(1)  # (n, 1, r_1)
+        for c, d in zip(cores[1:m], digits[1:]):
+            h = sliced_matmul(h, c.transpose(0, 1), d)
+        h = h.squeeze(1)
+        right = product(cores[m:]).reshape(cores[m].shape[0], self.in_features)
+        return h @ right
+
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work:
+        shapes, m = layer_shapes(shape), len(shape.out_modes)
+        prepare = layer_merge_work(shape) + chain_work(shapes[m:])
+        apply: list[Gemm] = []
+        numel, calls = n * shapes[0][2], 0
+        for c in shapes[1:m]:
+            products, moved, extra = sliced_matmul_work(n, 1, c[0], c[2], c[1])
+            apply, numel, calls = apply + products, numel + moved, calls + extra
+        apply.append((n, shapes[m][0], shape.in_features, 1))
+        return Work(prepare, apply, apply_numel=numel, extra_calls=calls)
 
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         cores = decompose.tensor_train(tensor, self.rank, **kwargs)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import decompose
-from .._ops import mode_dot, unfold
+from .._ops import mode_dot, sliced_matmul, sliced_matmul_work, unfold
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
@@ -195,6 +195,55 @@ class TuckerFormat(FactorizedMatrix):
         for k, f in enumerate(self.factors):
             t = mode_dot(t, f, k)
         return t.reshape(self.out_features, self.in_features)
+
+    def _rows(self, index: Tensor, layer: int | None) -> Tensor:
+        # Out modes first, S the product of the in ranks. With fewer rows than the first
+        # out mode, each row's first factor row meets the core (n, r_2..r_m S); otherwise the
+        # whole first factor does, once (o_1, r_2..r_m S), and each row's second factor row
+        # contracts its slice (grouped by first digit: no per-row copy of the core). The
+        # other out modes follow row by row; the (n, S) result meets the Kronecker product
+        # of the in factors (S, in) in one GEMM.
+        m, factors = len(self.out_modes), listed(member(self, "factors"))
+        digits, n, rank = self.out_digits(index), len(index), self.rank
+        core = _core(self, layer).reshape(rank[0], -1)
+        if m == 1 or n < self.out_modes[0]:
+            h, done = factors[0].index_select(0, digits[0]) @ core, 1
+        else:
+            C = (factors[0] @ core).reshape(self.out_modes[0], rank[1], -1)
+            u = factors[1].index_select(0, digits[1]).unsqueeze(1)  # (n, 1, r_2)
+            h, done = sliced_matmul(u, C, digits[0]), 2
+        for f, d in zip(factors[done:m], digits[done:]):
+            u = f.index_select(0, d).unsqueeze(1)  # (n, 1, r_k)
+            h = torch.bmm(u, h.reshape(n, f.shape[1], -1))
+        kron = factors[m]
+        for f in factors[m + 1 :]:
+            kron = torch.kron(kron, f)
+        return h.reshape(n, -1) @ kron.T
+
+    @classmethod
+    def row_work(cls, shape: WeightShape, n: int) -> Work:
+        m, rank, o1 = len(shape.out_modes), shape.rank, shape.out_modes[0]
+        S = math.prod(rank[m:])
+        left = math.prod(rank[1:m]) * S  # what remains after each out mode
+        numel, calls = n * sum(rank[:m]), 0
+        if m == 1 or n < o1:
+            prepare, apply, done = [], [(n, rank[0], left, 1)], 1
+        else:
+            prepare = [(o1, rank[0], left, 1)]
+            left //= rank[1]
+            apply, moved, calls = sliced_matmul_work(n, 1, rank[1], left, o1)
+            numel, done = numel + moved, 2
+        for r in rank[done:m]:
+            left //= r
+            apply.append((1, r, left, n))
+        apply.append((n, S, shape.in_features, 1))
+        return Work(
+            prepare,
+            apply,
+            prepare_numel=S * shape.in_features,
+            apply_numel=numel,
+            extra_calls=calls,
+        )
 
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, math.prod(self.rank), 1 + len(self.factors))
