@@ -1,4 +1,5 @@
-"""Data-parallel training (DDP, FSDP2) of FactorizedLinear models on 2 CPU gloo processes.
+"""Data-parallel training (DDP, FSDP2) of FactorizedLinear and FactorizedEmbedding models on 2
+CPU gloo processes.
 
 Each test spawns 2 ranks that train the same model on their halves of one global batch and
 save their final parameters; the parent trains the model in one process on the whole batch
@@ -26,7 +27,8 @@ TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 
 class Net(nn.Module):
-    """One layer per format, then a joint CP weight (n_layers=2) used both ways."""
+    """One layer per format, then a joint CP weight (n_layers=2) used both ways; a factorized
+    table adds the rows of token ids derived from each input row."""
 
     def __init__(self, implementation: str) -> None:
         super().__init__()
@@ -37,8 +39,14 @@ class Net(nn.Module):
         self.tt = tz.FactorizedLinear(modes, modes, factorization="tt", rank=0.5, **kw)
         self.blocktt = tz.FactorizedLinear(modes, modes, factorization="blocktt", rank=0.5, **kw)
         self.joint = tz.FactorizedLinear(modes, modes, factorization="cp", rank=8, n_layers=2, **kw)
+        lookup = {"factorized": "rows"}.get(implementation, implementation)
+        self.table = tz.FactorizedEmbedding(
+            59, 64, factorization="blocktt", rank=4, implementation=lookup, dtype=F64
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = (x[:, 0].abs() * 1000).long() % 59  # the same ids on every rank
+        x = x + self.table(tokens)
         for layer in (self.cp, self.tucker, self.tt, self.blocktt):
             x = torch.tanh(layer(x))
         x = torch.tanh(self.joint[0](x))  # through a LinearView
@@ -96,7 +104,8 @@ def _worker(rank: int, port: int, batch: int, kind: str, out_dir: str) -> None:
                 from torch.distributed.fsdp import fully_shard
 
                 mesh = init_device_mesh("cpu", (WORLD,))
-                for layer in (model.cp, model.tucker, model.tt, model.blocktt, model.joint):
+                layers = (model.cp, model.tucker, model.tt, model.blocktt, model.joint)
+                for layer in (*layers, model.table):
                     fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)
                 _train(model, x, y)

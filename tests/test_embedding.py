@@ -391,3 +391,105 @@ def test_row_work_counts_the_flops_the_lookup_runs(name, n):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         emb.weight.rows(index)
     assert counter.get_total_flops() == declared
+
+
+# ---------------------------------------------------------------- ecosystem
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(60, 12, padding_idx=0)
+        self.pos = nn.Embedding(60, 12, padding_idx=0)
+        self.proj = nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.proj(self.tok(x) + self.pos(x))
+
+
+def test_save_model_and_load_model_round_trip_tables(tmp_path):
+    net = _Encoder().double()
+    joint = tz.FactorizedEmbedding.from_embedding_list(
+        [net.tok, net.pos], rank=0.5, factorization="tt"
+    )
+    net.tok, net.pos = joint[0], joint[1]
+    net.proj = tz.FactorizedLinear.from_linear(net.proj, rank=0.5, factorization="tucker")
+    path = tmp_path / "net.safetensors"
+    tz.save_model(net, path)
+    fresh = tz.load_model(path, base=_Encoder().double())
+    assert isinstance(fresh.tok, tz.EmbeddingView) and fresh.tok.parent is fresh.pos.parent
+    assert fresh.tok.parent.padding_idx == 0
+    x = torch.randint(0, 60, (3, 5))
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    single = _Encoder().double()
+    single.tok = tz.FactorizedEmbedding.from_embedding(single.tok, rank=4)
+    tz.save_model(single, path)
+    again = tz.load_model(path, base=_Encoder().double())
+    assert isinstance(again.tok, tz.FactorizedEmbedding)
+    torch.testing.assert_close(again(x), single(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="nn.Embedding there"):
+        base = _Encoder().double()
+        base.tok = nn.Linear(3, 3)
+        tz.load_model(path, base=base)
+
+
+def test_inspect_lists_tables():
+    from tensorized.cli import inspect_model
+
+    net = _Encoder()
+    net.tok = tz.FactorizedEmbedding.from_embedding(net.tok, rank=4)
+    rows = inspect_model(net)["factorized"]
+    assert [(r["name"], r["kind"], r["out_features"]) for r in rows] == [("tok", "embedding", 60)]
+    assert rows[0]["dense_params"] == 60 * 12
+
+
+def test_compile_fullgraph_matches_eager():
+    emb = _table("blocktt", 59, padding_idx=3).float()
+    x = torch.randint(0, 59, (4, 6))
+    compiled = torch.compile(emb, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), emb(x))
+    y = compiled(x)
+    y.sum().backward()
+    assert all(p.grad is not None for p in emb.parameters())
+
+
+def test_onnx_export_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    emb = _table("tt", 59).float().eval()
+    x = torch.randint(0, 59, (2, 7))
+    path = tmp_path / "emb.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(emb, (x,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), emb(x).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_lookup():
+    emb = _table("blocktt", 60).float()
+    x = torch.randint(0, 60, (3, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = emb(x)
+    ref = emb(x)
+    assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_to_tensorly_holds_the_same_table():
+    tl = pytest.importorskip("tensorly")
+    emb = _table("tt", 60)
+    tl.set_backend("pytorch")
+    full = tl.tt_to_tensor(emb.to_tensorly()).reshape(60, 12)
+    torch.testing.assert_close(full, dense_weight(emb.weight))
+
+
+def test_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    emb = _table("cp", 59, padding_idx=1)
+    x = torch.randint(0, 59, (5,))
+    for clone in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb))):
+        torch.testing.assert_close(clone(x), emb(x), rtol=0, atol=0)
+        assert clone.padding_idx == 1

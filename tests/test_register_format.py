@@ -723,3 +723,22 @@ def test_from_weight_wraps_a_decomposed_module():
     assert joint.n_layers == 2 and joint.A.shape == (2, R, 3, 4)
     with pytest.raises(TypeError, match="takes no decomposition options"):
         KronSum.from_matrix(W[0], IN, OUT, R, n_iter_max=5)
+
+
+def test_embedding_table_of_the_registered_format_uses_the_rebuild_fallback():
+    # No per-row path is declared: rows are gathered from the rebuilt table, exactly.
+    emb = tz.FactorizedEmbedding(
+        15,
+        24,
+        auto_tensorize=False,
+        tensorized_num_embeddings=OUT,
+        tensorized_embedding_dim=IN,
+        factorization=NAME,
+        rank=R,
+        dtype=F64,
+    )
+    assert emb.lookup_strategy(4, training=False) == "reconstructed"
+    x = torch.tensor([[0, 14, 3], [3, 3, 7]])
+    close(emb(x), kron_oracle(emb.weight.A, emb.weight.B)[x])
+    emb.implementation = "rows"  # the base class's per-row fallback: also exact
+    close(emb(x), kron_oracle(emb.weight.A, emb.weight.B)[x])

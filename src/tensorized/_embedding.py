@@ -361,6 +361,14 @@ class FactorizedEmbedding(nn.Module):
 
     # ------------------------------------------------------------------ conversion
 
+    def to_tensorly(self) -> Any:
+        """The table as a TensorLy object of shape ``([n_layers,] *tensorized_num_embeddings,
+        *tensorized_embedding_dim)`` (padding rows included), as
+        :meth:`FactorizedLinear.to_tensorly`; needs ``tensorly``."""
+        from . import _interop
+
+        return _interop.to_tensorly(self.weight)
+
     @classmethod
     def from_embedding(
         cls,

@@ -20,7 +20,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ._linear import FactorizedLinear
+import torch
+from torch import nn
+
+from ._embedding import EmbeddingView, FactorizedEmbedding
+from ._linear import FactorizedLinear, LinearView
 from .formats import canonical_name, get_format
 
 FORMAT_VERSION = "1"
@@ -31,7 +35,8 @@ MAX_MODES = 64  # modes per side: far more than any weight needs (2**64 features
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What the constructor needs to rebuild a factorized layer with the saved shapes."""
+    """What the constructor needs to rebuild a factorized layer (``kind='linear'``) or
+    embedding table (``kind='embedding'``) with the saved shapes."""
 
     in_modes: tuple[int, ...]
     out_modes: tuple[int, ...]
@@ -41,10 +46,28 @@ class LayerSpec:
     bias: bool
     implementation: str
     checkpointing: bool
+    kind: str = "linear"
+    num_embeddings: int | None = None  # embeddings: the rows a lookup may return
+    padding_idx: int | None = None
 
     @classmethod
-    def of(cls, layer: FactorizedLinear) -> LayerSpec:
-        """The spec of a built layer."""
+    def of(cls, layer: FactorizedLinear | FactorizedEmbedding) -> LayerSpec:
+        """The spec of a built layer or table."""
+        if isinstance(layer, FactorizedEmbedding):
+            w = layer.weight
+            return cls(
+                w.in_modes,
+                w.out_modes,
+                layer.factorization,
+                layer.rank,
+                layer.n_layers,
+                False,
+                layer.implementation,
+                False,
+                "embedding",
+                layer.num_embeddings,
+                layer.padding_idx,
+            )
         return cls(
             layer.in_tensorized_features,
             layer.out_tensorized_features,
@@ -56,6 +79,30 @@ class LayerSpec:
             layer.checkpointing,
         )
 
+    def build(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> FactorizedLinear | FactorizedEmbedding:
+        """An empty module of this spec (parameters uninitialized, to be loaded)."""
+        weight = get_format(self.factorization).empty(
+            self.in_modes, self.out_modes, self.rank, self.n_layers, device=device, dtype=dtype
+        )
+        if self.kind == "embedding":
+            return FactorizedEmbedding.from_weight(
+                weight,
+                self.num_embeddings,
+                padding_idx=self.padding_idx,
+                implementation=self.implementation,
+            )
+        return FactorizedLinear.from_weight(
+            weight, self.bias, implementation=self.implementation, checkpointing=self.checkpointing
+        )
+
+    def view(self, layer: nn.Module, index: int) -> nn.Module:
+        """The view of member ``index`` of a joint ``layer`` built from this spec."""
+        if isinstance(layer, FactorizedEmbedding):
+            return EmbeddingView(layer, index)
+        return LinearView(layer, index)  # type: ignore[arg-type]
+
     @property
     def bias_params(self) -> int:
         """Elements of the bias: ``(n_layers, out_features)``, or none."""
@@ -63,7 +110,15 @@ class LayerSpec:
 
     def to_dict(self) -> dict[str, Any]:
         rank = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+        table = {}
+        if self.kind == "embedding":  # linear specs keep the keys older files have
+            table = {
+                "kind": self.kind,
+                "num_embeddings": self.num_embeddings,
+                "padding_idx": self.padding_idx,
+            }
         return {
+            **table,
             "in_modes": list(self.in_modes),
             "out_modes": list(self.out_modes),
             "factorization": self.factorization,
@@ -75,7 +130,8 @@ class LayerSpec:
         }
 
 
-_SPEC_KEYS = frozenset(f.name for f in fields(LayerSpec))
+_TABLE_KEYS = frozenset({"kind", "num_embeddings", "padding_idx"})
+_SPEC_KEYS = frozenset(f.name for f in fields(LayerSpec)) - _TABLE_KEYS
 
 
 @dataclass(frozen=True)
@@ -125,10 +181,13 @@ def _modes(value: Any, what: str) -> tuple[int, ...]:
 
 def _spec(group: str, value: Any) -> LayerSpec:
     where = f"layer {group!r}"
-    if not isinstance(value, dict) or set(value) != _SPEC_KEYS:
+    table = isinstance(value, dict) and value.get("kind") == "embedding"
+    expected = _SPEC_KEYS | _TABLE_KEYS if table else _SPEC_KEYS
+    if not isinstance(value, dict) or set(value) != expected:
         keys = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise _Bad(
-            f"{where}: the spec must be an object with keys {sorted(_SPEC_KEYS)}, got {keys}"
+            f"{where}: the spec must be an object with keys {sorted(_SPEC_KEYS)} (and "
+            f"{sorted(_TABLE_KEYS)} for an embedding, kind 'embedding'), got {keys}"
         )
     try:
         factorization = canonical_name(value["factorization"])
@@ -146,6 +205,13 @@ def _spec(group: str, value: Any) -> LayerSpec:
             raise _Bad(f"{where}: {key} must be true or false, got {value[key]!r}")
     if not isinstance(value["implementation"], str):
         raise _Bad(f"{where}: implementation must be a string, got {value['implementation']!r}")
+    extra: tuple = ()
+    if table:
+        num = _int(value["num_embeddings"], f"{where}: num_embeddings")
+        pad = value["padding_idx"]
+        if pad is not None:
+            pad = _int(pad, f"{where}: padding_idx", low=0)
+        extra = ("embedding", num, pad)
     return LayerSpec(
         _modes(value["in_modes"], f"{where}: in_modes"),
         _modes(value["out_modes"], f"{where}: out_modes"),
@@ -155,6 +221,7 @@ def _spec(group: str, value: Any) -> LayerSpec:
         value["bias"],
         value["implementation"],
         value["checkpointing"],
+        *extra,
     )
 
 
@@ -212,12 +279,7 @@ def _check_shapes(layout: Layout) -> None:
         if not any(p.group == group for p in layout.places):
             raise _Bad(f"layer {group!r} has no place in the model")
         try:
-            weight = get_format(spec.factorization).empty(
-                spec.in_modes, spec.out_modes, spec.rank, spec.n_layers, device="meta"
-            )
-            layer = FactorizedLinear.from_weight(
-                weight, spec.bias, implementation=spec.implementation
-            )
+            layer = spec.build(device="meta")
         except (TypeError, ValueError) as exc:
             raise _Bad(f"layer {group!r}: cannot rebuild it from its spec: {exc}") from None
         if layer.rank != spec.rank:  # a concrete rank must come back exactly

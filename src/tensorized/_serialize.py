@@ -20,15 +20,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._embedding import EmbeddingView, FactorizedEmbedding
 from ._header import FORMAT_VERSION, PREFIX, LayerSpec, Place, config_entry, read_layout
 from ._linear import FactorizedLinear, LinearView
 from ._tensorize import TensorizeConfig
-from .formats import get_format
 
 __all__ = ["load_config", "load_model", "save_model"]
 
 
-def _spec(layer: FactorizedLinear) -> dict[str, Any]:
+def _spec(layer: FactorizedLinear | FactorizedEmbedding) -> dict[str, Any]:
     """What the constructor needs to rebuild ``layer`` with the same parameter shapes."""
     return LayerSpec.of(layer).to_dict()
 
@@ -41,10 +41,13 @@ def _placements(model: nn.Module) -> tuple[dict[str, dict], list[dict[str, Any]]
     places: list[dict[str, Any]] = []
     view_parents = set()  # a view's own 'parent' child: not a place of its own
     for name, module in model.named_modules(remove_duplicate=False):  # parents before children
-        if isinstance(module, LinearView):
+        layer: FactorizedLinear | FactorizedEmbedding
+        if isinstance(module, LinearView | EmbeddingView):
             view_parents.add(f"{name}.parent" if name else "parent")
             layer, index = module.parent, module.indices
-        elif isinstance(module, FactorizedLinear) and name not in view_parents:
+        elif isinstance(module, FactorizedLinear | FactorizedEmbedding) and (
+            name not in view_parents
+        ):
             layer, index = module, None
         else:
             continue
@@ -168,19 +171,12 @@ def load_config(path: str | os.PathLike) -> TensorizeConfig | None:
         raise ValueError(f"{str(path)!r}: the recorded config is not valid: {exc}") from None
 
 
-def _build_layer(spec: LayerSpec, like: nn.Module) -> FactorizedLinear:
+def _build_layer(spec: LayerSpec, like: nn.Module) -> FactorizedLinear | FactorizedEmbedding:
     """An empty factorized layer of a checked ``spec`` on ``like``'s device and dtype."""
     param = next(like.parameters(), None)
-    weight = get_format(spec.factorization).empty(  # filled by load_state_dict
-        spec.in_modes,
-        spec.out_modes,
-        spec.rank,
-        spec.n_layers,
+    return spec.build(  # filled by load_state_dict
         device=None if param is None else param.device,
         dtype=None if param is None else param.dtype,
-    )
-    return FactorizedLinear.from_weight(
-        weight, spec.bias, implementation=spec.implementation, checkpointing=spec.checkpointing
     )
 
 
@@ -201,6 +197,18 @@ def _check_target(model: nn.Module, place: Place, spec: LayerSpec) -> nn.Module:
             f"submodule there: build the same architecture before loading"
         ) from exc
     out_f, in_f = math.prod(spec.out_modes), math.prod(spec.in_modes)
+    if spec.kind == "embedding":
+        if not isinstance(module, nn.Embedding | FactorizedEmbedding | EmbeddingView):
+            raise ValueError(
+                f"{name!r} is a {type(module).__name__}; expected an nn.Embedding there"
+            )
+        got, saved = (module.num_embeddings, module.embedding_dim), (spec.num_embeddings, in_f)
+        if got != saved:
+            raise ValueError(
+                f"{name!r} is {got} (num_embeddings, embedding_dim) in the given model but "
+                f"{saved} in the saved one"
+            )
+        return module
     if not isinstance(module, nn.Linear | FactorizedLinear | LinearView):
         raise ValueError(f"{name!r} is a {type(module).__name__}; expected an nn.Linear there")
     if (module.out_features, module.in_features) != (out_f, in_f):
@@ -265,7 +273,7 @@ def load_model(
     path = file
     model = base
     layout = read_layout(path)  # the whole header checked against the tensors' shapes
-    built: dict[str, FactorizedLinear] = {}
+    built: dict[str, FactorizedLinear | FactorizedEmbedding] = {}
     swaps: list[tuple[str, nn.Module]] = []
     for place in layout.places:
         spec = layout.groups[place.group]
@@ -273,7 +281,7 @@ def load_model(
         if place.group not in built:
             built[place.group] = _build_layer(spec, target)
         layer = built[place.group]
-        swaps.append((place.name, layer if place.index is None else LinearView(layer, place.index)))
+        swaps.append((place.name, layer if place.index is None else spec.view(layer, place.index)))
     from safetensors.torch import load_file
 
     try:

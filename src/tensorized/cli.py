@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 from torch import nn
 
+from ._embedding import EmbeddingView, FactorizedEmbedding
 from ._header import LayerSpec, read_layout
 from ._linear import FactorizedLinear, LinearView
 from ._loading import CLIError, _one_line, load_calibration, load_model
@@ -322,9 +323,9 @@ def inspect_model(model: nn.Module) -> dict[str, Any]:
     names = {id(m): n for n, m in model.named_modules()}
     layers, views = [], []
     for name, m in model.named_modules():
-        if isinstance(m, FactorizedLinear):
+        if isinstance(m, FactorizedLinear | FactorizedEmbedding):
             layers.append(_layer_row(name, LayerSpec.of(m), sum(p.numel() for p in m.parameters())))
-        elif isinstance(m, LinearView):
+        elif isinstance(m, LinearView | EmbeddingView):
             views.append({"name": name, "index": m.indices, "parent": names.get(id(m.parent))})
     factorized = {
         id(p): p.numel() for l_ in layers for p in model.get_submodule(l_["name"]).parameters()
@@ -355,9 +356,12 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def _layer_row(name: str, spec: LayerSpec, params: int) -> dict[str, Any]:
     out_f, in_f = math.prod(spec.out_modes), math.prod(spec.in_modes)
+    if spec.kind == "embedding":  # the rows a lookup returns (the modes may cover padding)
+        out_f = spec.num_embeddings or out_f
     dense = spec.n_layers * in_f * out_f + spec.bias_params  # its n_layers nn.Linear s
     return {
         "name": name,
+        "kind": spec.kind,
         "format": spec.factorization,
         "in_features": in_f,
         "out_features": out_f,
