@@ -427,7 +427,7 @@ def test_save_model_and_load_model_round_trip_tables(tmp_path):
     again = tz.load_model(path, base=_Encoder().double())
     assert isinstance(again.tok, tz.FactorizedEmbedding)
     torch.testing.assert_close(again(x), single(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="nn.Embedding there"):
+    with pytest.raises(ValueError, match=r"nn\.Embedding there"):
         base = _Encoder().double()
         base.tok = nn.Linear(3, 3)
         tz.load_model(path, base=base)
