@@ -493,3 +493,116 @@ def test_deepcopy_and_pickle():
     for clone in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb))):
         torch.testing.assert_close(clone(x), emb(x), rtol=0, atol=0)
         assert clone.padding_idx == 1
+
+
+# ---------------------------------------------------------------- whole models
+
+
+class _TokenNet(nn.Module):
+    """A table, then a linear head; ``tied`` shares the table with the head's weight."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.tok = nn.Embedding(61, 32)  # 61 is prime: padded to 64 rows
+        self.body = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 61, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(self.tok(x))))
+
+
+def _config(**kw):
+    base = {"rank": 0.5, "progress": False, "min_params": 0, "factorization": "tt"}
+    return tz.TensorizeConfig(**{**base, **kw})
+
+
+def test_tensorize_compresses_tables_only_when_asked():
+    net = _TokenNet()
+    tz.tensorize_(net, _config())
+    assert type(net.tok) is nn.Embedding
+    net = _TokenNet()
+    x = torch.randint(0, 61, (4, 9))
+    with torch.no_grad():
+        table = net.tok.weight.detach().clone()
+    report = tz.tensorize_(net, _config(embeddings=True))
+    assert isinstance(net.tok, tz.FactorizedEmbedding)
+    row = next(r for r in report if r.name == "tok")
+    assert (row.kind, row.out_features, row.in_features) == ("embedding", 61, 32)
+    assert row.padded_rows == 3 and math.prod(row.out_modes) == 64
+    assert row.old_params == 61 * 32 and row.new_params == net.tok.num_params
+    got = (net.tok.to_embedding().weight - table).norm() / table.norm()
+    assert abs(got.item() - row.weight_error) < 1e-6
+    assert net(x).shape == (4, 9, 61)
+
+
+def test_tied_table_is_left_dense_with_a_warning():
+    net = _TokenNet(tied=True)
+    with pytest.warns(UserWarning, match="tied"):
+        tz.tensorize_(net, _config(embeddings=True))
+    assert type(net.tok) is nn.Embedding and type(net.head) is nn.Linear
+    assert net.head.weight is net.tok.weight  # never silently untied
+
+
+def test_budget_spans_linear_layers_and_tables():
+    net = _TokenNet()
+    dense = sum(m.weight.numel() for m in (net.tok, net.body, net.head))
+    cfg = _config(embeddings=True, rank=0.3, rank_allocation="budget", factorization="auto")
+    report = tz.tensorize_(net, cfg)
+    assert {r.name for r in report} == {"tok", "body", "head"}
+    assert report.new_params <= 0.3 * dense + sum(
+        m.bias.numel() for m in (net.body,) if getattr(m, "bias", None) is not None
+    )
+
+
+def test_calibration_weights_table_rows_by_token_frequency():
+    # The calibration text uses only rows 0..7: after calibration those rows are fitted
+    # better than by the data-free decomposition, at the same ranks.
+    torch.manual_seed(0)
+    net = _TokenNet()
+    table = net.tok.weight.detach().clone()
+    data = [torch.randint(0, 8, (4, 16)) for _ in range(4)]
+    plain, calibrated = _TokenNet(), _TokenNet()
+    plain.load_state_dict(net.state_dict())
+    calibrated.load_state_dict(net.state_dict())
+    cfg = _config(embeddings=True, rank=0.2, target_modules=["tok"], calibration_steps=50)
+    tz.tensorize_(plain, cfg)
+    report = tz.tensorize_(calibrated, cfg, calibration_data=data)
+    row = report.layers[0]
+    assert row.output_error_after < row.output_error_before
+
+    def error(m, rows):
+        got = m.tok.to_embedding().weight[rows]
+        return ((got - table[rows]).norm() / table[rows].norm()).item()
+
+    seen, unseen = slice(0, 8), slice(8, 61)
+    assert error(calibrated, seen) < error(plain, seen)
+    assert error(calibrated, seen) < error(calibrated, unseen)
+    counts = torch.zeros(61, dtype=F64)
+    for x in data:
+        counts += torch.bincount(x.reshape(-1), minlength=61).double()
+    from tensorized._table_calibrate import record_token_counts
+
+    recorded = record_token_counts(net, {"tok": net.tok}, data)["tok"]
+    torch.testing.assert_close(recorded, counts)
+
+
+def test_token_counts_leave_out_padding_positions():
+    from tensorized._table_calibrate import record_token_counts
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(10, 4)
+
+        def forward(self, input_ids, attention_mask):
+            return self.tok(input_ids)
+
+    ids = torch.tensor([[1, 2, 0, 0], [3, 3, 3, 0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    model = Keyword()
+    counts = record_token_counts(
+        model, {"tok": model.tok}, [{"input_ids": ids, "attention_mask": mask}]
+    )["tok"]
+    assert counts.tolist() == [0, 1, 1, 3, 0, 0, 0, 0, 0, 0]

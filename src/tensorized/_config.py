@@ -156,6 +156,13 @@ class TensorizeConfig:
             error of those before it); ``'independent'``: each layer on the original model's
             inputs.
         progress: show a tqdm bar; ``None``: only when stderr is a terminal.
+        embeddings: also compress the plain ``nn.Embedding`` tables that match (as
+            :class:`~tensorized.FactorizedEmbedding`; rows and columns split into ``order``
+            modes, 3 if ``None``, the vocabulary padded where it factors badly). With
+            calibration data a table is fitted to its rows weighted by the observed token
+            frequencies, and budgets span linear layers and tables alike. A table tied to
+            another module (an output projection sharing its weight) is left dense, with a
+            warning. Tables are never grouped by ``joint``.
     """
 
     factorization: str | tuple[str, ...] = "tucker"
@@ -172,6 +179,7 @@ class TensorizeConfig:
     calibration_rows: int = 4096
     calibration_mode: str = "sequential"
     progress: bool | None = None
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -197,8 +205,9 @@ class TensorizeConfig:
             raise _bad("implementation", self.implementation, f"one of {strategies}", TypeError)
         if self.implementation not in strategies:
             raise _bad("implementation", self.implementation, f"one of {strategies}")
-        if not isinstance(self.joint, bool):
-            raise _bad("joint", self.joint, "a bool", TypeError)
+        for name in ("joint", "embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "a bool", TypeError)
         if self.progress is not None and not isinstance(self.progress, bool):
             raise _bad("progress", self.progress, "None or a bool", TypeError)
         if not isinstance(self.rank_allocation, str):

@@ -21,7 +21,8 @@ class LayerReport:
 
     Attributes:
         name: qualified module name; for a joint group its pattern, e.g. ``blocks.*.attn.q``.
-        kind: ``'linear'`` or ``'joint'``.
+        kind: ``'linear'``, ``'joint'`` or ``'embedding'`` (a table: ``out_features`` its
+            rows, ``in_features`` its embedding size).
         group: a joint group's member names, joined by ``', '``; else ``None``.
         in_features, out_features, in_modes, out_modes: the shape (of each member).
         rank: the concrete rank of the format.
@@ -36,6 +37,8 @@ class LayerReport:
             between layers: ``'dense'`` keeps a layer at full size).
         reason: with ``rank_allocation='budget'``, why: the layer's share of its weights and
             each candidate format's estimated error at that share; else ``''``.
+        padded_rows: a table's rows added beyond its vocabulary so that it factors well
+            (never returned by a lookup); 0 for linear layers.
     """
 
     name: str
@@ -54,6 +57,7 @@ class LayerReport:
     seconds: float
     factorization: str = ""
     reason: str = ""
+    padded_rows: int = 0
 
 
 @dataclass

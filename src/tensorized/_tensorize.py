@@ -1,4 +1,5 @@
-"""Model-wide compression: swap a model's ``nn.Linear`` layers for factorized ones, in place.
+"""Model-wide compression: swap a model's ``nn.Linear`` layers (and ``nn.Embedding`` tables)
+for factorized ones, in place.
 
 :func:`tensorize_` follows ``torchao.quantize_`` (a frozen config, an optional ``filter_fn``,
 in place) and PEFT's module matching; the configuration is :class:`tensorized.TensorizeConfig`,
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ._allocate import Choice
 from ._calibrate import _has_length
 from ._config import TensorizeConfig, show_progress
+from ._embedding import FactorizedEmbedding, table_modes
 from ._linear import FactorizedLinear
 from ._ops import frobenius_error
 from ._report import LayerReport, TensorizeReport
@@ -31,10 +33,11 @@ __all__ = ["LayerReport", "TensorizeConfig", "TensorizeReport", "tensorize_"]
 
 @dataclass
 class _Unit:
-    """A layer, or a joint group, to compress: members are ``(name, linear)``."""
+    """A layer, a joint group or an embedding table to compress: members are ``(name,
+    module)``."""
 
     name: str
-    members: list[tuple[str, nn.Linear]]
+    members: list[tuple[str, nn.Module]]
     in_modes: Modes = ()
     out_modes: Modes = ()
 
@@ -42,10 +45,28 @@ class _Unit:
     def joint(self) -> bool:
         return len(self.members) > 1
 
+    @property
+    def table(self) -> bool:
+        return isinstance(self.members[0][1], nn.Embedding)
+
     def weight(self) -> Tensor:
-        """``(out, in)``, or ``(L, out, in)`` for a joint group (detached)."""
-        ws = [m.weight.detach() for _, m in self.members]
+        """``(out, in)``, or ``(L, out, in)`` for a joint group (detached); a table's
+        ``(num_embeddings, embedding_dim)``."""
+        ws = [cast(Tensor, m.weight).detach() for _, m in self.members]
         return torch.stack(ws) if self.joint else ws[0]
+
+    def padded_weight(self, row_weights: Tensor | None = None) -> Tensor:
+        """:meth:`weight`, a table's with zero padding rows up to its row modes and each
+        row scaled by the square root of ``row_weights`` (its frequency weight)."""
+        w = self.weight()
+        if not self.table:
+            return w
+        pad = math.prod(self.out_modes) - w.shape[0]
+        if pad:
+            w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
+        if row_weights is not None:
+            w = w * row_weights.to(w.device, w.dtype).sqrt().unsqueeze(1)
+        return w
 
 
 def _matches(name: str, patterns: str | Sequence[str]) -> bool:
@@ -56,13 +77,17 @@ def _matches(name: str, patterns: str | Sequence[str]) -> bool:
 
 def _find_targets(
     model: nn.Module, config: TensorizeConfig, filter_fn: Callable | None
-) -> list[tuple[str, nn.Linear]]:
-    """Plain ``nn.Linear`` modules (not subclasses, whose forward may differ) that match."""
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n]
+) -> list[tuple[str, nn.Module]]:
+    """Plain ``nn.Linear`` modules (not subclasses, whose forward may differ) that match, and
+    plain ``nn.Embedding`` tables with ``config.embeddings``."""
+    kinds: tuple[type, ...] = (nn.Linear, nn.Embedding) if config.embeddings else (nn.Linear,)
+    linears: list[tuple[str, nn.Module]] = [
+        (n, m) for n, m in model.named_modules() if type(m) in kinds and n
+    ]
     targets = [
         (n, m)
         for n, m in linears
-        if m.weight.numel() >= config.min_params
+        if cast(Tensor, m.weight).numel() >= config.min_params
         and (config.target_modules is None or _matches(n, config.target_modules))
         and not (config.exclude_modules is not None and _matches(n, config.exclude_modules))
         and (filter_fn is None or filter_fn(m, n))
@@ -78,18 +103,21 @@ def _find_targets(
         )
     targets = [(n, m) for n, m in targets if n not in tied]
     if not targets:
-        found = ", ".join(f"{n!r} ({m.weight.numel()} weights)" for n, m in linears[:8])
+        found = ", ".join(
+            f"{n!r} ({cast(Tensor, m.weight).numel()} weights)" for n, m in linears[:8]
+        )
         found = found + ", ..." if len(linears) > 8 else found or "none"
         raise ValueError(
             f"tensorize_ matched no layer: target_modules={config.target_modules!r}, "
             f"exclude_modules={config.exclude_modules!r}, min_params={config.min_params}"
             f"{', filter_fn' if filter_fn else ''}{', untied' if tied else ''}. The model's "
-            f"plain nn.Linear modules (the model itself excluded): {found}"
+            f"plain nn.Linear{' and nn.Embedding' if config.embeddings else ''} modules (the "
+            f"model itself excluded): {found}"
         )
     return targets
 
 
-def _ties(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> dict[str, list[str]]:
+def _ties(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
     """Targets whose weight or bias is also held by another module (the same parameter,
     e.g. an output projection tied to the input embedding, or a tensor starting at the same
     memory): ``name -> the other holders' parameter names``. A module registered under two
@@ -106,8 +134,8 @@ def _ties(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> dict[str, l
     tied: dict[str, list[str]] = {}
     for n, m in targets:
         others: dict[str, None] = {}
-        for p in (m.weight, m.bias):
-            if p is None:
+        for p in (m.weight, getattr(m, "bias", None)):
+            if not isinstance(p, Tensor):
                 continue
             keys: list[object] = [id(p)]
             if p.numel() and p.device.type != "meta":
@@ -119,14 +147,18 @@ def _ties(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> dict[str, l
     return tied
 
 
-def _units(targets: list[tuple[str, nn.Linear]], joint: bool) -> list[_Unit]:
-    """One unit per layer, or per group of layers differing only in numeric name parts."""
+def _units(targets: list[tuple[str, nn.Module]], joint: bool) -> list[_Unit]:
+    """One unit per layer, or per group of layers differing only in numeric name parts (an
+    embedding table is always a unit of its own)."""
     if not joint:
         return [_Unit(n, [(n, m)]) for n, m in targets]
     groups: dict[tuple, _Unit] = {}
     for n, m in targets:
+        if isinstance(m, nn.Embedding):
+            groups[(n,)] = _Unit(n, [(n, m)])
+            continue
         pattern = ".".join("*" if p.isascii() and p.isdigit() else p for p in n.split("."))
-        w = m.weight
+        w = cast(Tensor, m.weight)
         key = (pattern, w.shape, w.dtype, w.device)
         groups.setdefault(key, _Unit(pattern, [])).members.append((n, m))
     return [u if u.joint else _Unit(u.members[0][0], u.members) for u in groups.values()]
@@ -138,7 +170,8 @@ def _failure(exc: Exception, unit: _Unit, choice: Choice, config: TensorizeConfi
     n = len(unit.members)
     what = f"joint group {unit.name!r} ({n} layers)" if n > 1 else f"layer {unit.name!r}"
     message = (
-        f"tensorize_ failed on {what} (weight {tuple(unit.members[0][1].weight.shape)} "
+        f"tensorize_ failed on {what} (weight "
+        f"{tuple(cast(Tensor, unit.members[0][1].weight).shape)} "
         f"(out, in), modes in {unit.in_modes} out {unit.out_modes}, factorization="
         f"{choice.factorization!r}, rank={choice.rank!r}): {type(exc).__name__}: {exc}"
     )
@@ -158,7 +191,9 @@ def tensorize_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     calibration_data: Iterable | None = None,
 ) -> TensorizeReport:
-    """Replace a model's ``nn.Linear`` layers by :class:`~tensorized.FactorizedLinear`, in place.
+    """Replace a model's ``nn.Linear`` layers by :class:`~tensorized.FactorizedLinear` (and,
+    with ``config.embeddings``, its ``nn.Embedding`` tables by
+    :class:`~tensorized.FactorizedEmbedding`), in place.
 
     Each targeted weight ``(out_features, in_features)`` is tensorized as
     ``tensorize_shape(in_features, out_features, config.order)`` and decomposed on its own
@@ -180,6 +215,7 @@ def tensorize_(
             (``config.calibration_mode='sequential'``) in forward order, each on the inputs
             it sees with the layers before it already replaced (the data is read once and
             replayed for each layer); with ``'independent'``, on the original inputs.
+            Tables are fitted to their rows weighted by how often the data looks them up.
 
     Returns:
         A :class:`TensorizeReport`, one row per layer or joint group (weight errors are those
@@ -212,10 +248,17 @@ def tensorize_(
         raise TypeError(f"filter_fn must be None or callable, got {type(filter_fn).__name__}")
     units = _units(_find_targets(model, config, filter_fn), config.joint)
     for u in units:
-        out_features, in_features = u.members[0][1].weight.shape
-        u.in_modes, u.out_modes = tensorize_shape(in_features, out_features, config.order)
+        out_features, in_features = u.weight().shape[-2:]
+        if u.table:
+            per_side = config.order or 3
+            u.out_modes, u.in_modes = table_modes(
+                out_features, in_features, True, per_side, None, None
+            )
+        else:
+            u.in_modes, u.out_modes = tensorize_shape(in_features, out_features, config.order)
     show = show_progress(config.progress)
     inputs = None
+    counts: dict[str, Tensor] = {}
     data: Iterable = () if calibration_data is None else calibration_data
     order = list(range(len(units)))
     sequential = calibration_data is not None and config.calibration_mode == "sequential"
@@ -228,19 +271,25 @@ def tensorize_(
             # sensitivity): the same samples, in the same order, even from a stream
             data = _Replay(data)
         modules = {n: m for u in units for n, m in u.members}
+        linears = {n: m for n, m in modules.items() if not isinstance(m, nn.Embedding)}
+        tables = {n: m for n, m in modules.items() if isinstance(m, nn.Embedding)}
         rows = config.calibration_rows
-        inputs = record_inputs(model, modules, data, max_rows=rows, progress=show)
+        inputs = record_inputs(model, linears, data, max_rows=rows, progress=show)
+        if tables:
+            from ._table_calibrate import record_token_counts
+
+            counts = record_token_counts(model, tables, data)
         if sequential:
             from ._calibrate import call_order
 
             position = {n: k for k, n in enumerate(call_order(model, modules, data))}
             last = len(position)
             order.sort(key=lambda k: min(position.get(n, last) for n, _ in units[k].members))
-    choices = _choices(units, config, inputs, model, data)
+    choices = _choices(units, config, inputs, model, data, counts)
     params_before = sum(p.numel() for p in model.parameters())
     from tqdm import tqdm
 
-    done: dict[int, FactorizedLinear] = {}
+    done: dict[int, nn.Module] = {}
     rows_of: dict[int, LayerReport] = {}
     for k in tqdm(order, "tensorize", unit="layer", disable=not show):
         unit, choice = units[k], choices[k]
@@ -251,7 +300,11 @@ def tensorize_(
                 if sequential and done:
                     built_so_far = [(units[j], done[j]) for j in done]
                     seen = _inputs_after(model, built_so_far, unit, data, config.calibration_rows)
-                new, row = _build(unit, choice, config, inputs, seen)
+                new: nn.Module
+                if unit.table:
+                    new, row = _build_table(unit, choice, config, counts.get(unit.name))
+                else:
+                    new, row = _build(unit, choice, config, inputs, seen)
             except Exception as exc:
                 raise _failure(exc, unit, choice, config) from exc
         for w in caught:  # re-issued naming the layer; the user's warning filters apply
@@ -270,19 +323,28 @@ def _choices(
     inputs: Mapping[str, Tensor] | None,
     model: nn.Module,
     data: Iterable,
+    counts: Mapping[str, Tensor] | None = None,
 ) -> list[Choice]:
     """Each unit's format and rank: the config's, or a budgeted allocation over all units
     (with calibration data: by each unit's relative output error on its recorded inputs,
-    weighted by the model's output sensitivity to that unit)."""
+    weighted by the model's output sensitivity to that unit; a table's rows weighted by their
+    observed frequencies)."""
     from ._allocate import AUTO_FORMATS, Choice, allocate_choices
 
     if config.rank_allocation == "uniform":
         fmt = cast(str, config.factorization)  # TensorizeConfig allows one format here
         rank = cast(Any, config.rank)  # a fraction, int, tuple or 'same': resolved per layer
         return [Choice(fmt, rank, math.nan, "") for _ in units]
-    weights = [u.weight() for u in units]
+    from ._table_calibrate import row_weights
+
+    weights = []
+    for u in units:
+        observed = (counts or {}).get(u.name)
+        rows = math.prod(u.out_modes)
+        w = None if observed is None else row_weights(observed, rows)
+        weights.append(u.padded_weight(w))
     fraction = cast(float, config.rank)  # TensorizeConfig checks it for 'budget'
-    budget = round(fraction * sum(w.numel() for w in weights))
+    budget = round(fraction * sum(u.weight().numel() for u in units))
     modes = [(u.in_modes, u.out_modes) for u in units]
     formats = config.factorization
     if formats == "auto":
@@ -334,7 +396,7 @@ def _build(
     members' inputs in the original model; ``seen``: the same samples' inputs in the
     partially compressed model (sequential calibration), or ``None``."""
     start = time.perf_counter()
-    linears = [m for _, m in unit.members]
+    linears = [cast(nn.Linear, m) for _, m in unit.members]
     options: dict[str, Any] = dict(
         rank=choice.rank,
         bias=any(m.bias is not None for m in linears),
@@ -401,13 +463,59 @@ def _build(
     return new, row
 
 
+def _build_table(
+    unit: _Unit, choice: Choice, config: TensorizeConfig, counts: Tensor | None
+) -> tuple[FactorizedEmbedding, LayerReport]:
+    """Decompose one embedding table (then fit it to its frequency-weighted rows)."""
+    start = time.perf_counter()
+    name, table = unit.members[0]
+    table = cast(nn.Embedding, table)
+    new = FactorizedEmbedding.from_embedding(
+        table,
+        rank=choice.rank,
+        factorization=choice.factorization,
+        decomposition_kwargs=dict(config.decomposition_kwargs),
+        tensorized_num_embeddings=unit.out_modes,
+        tensorized_embedding_dim=unit.in_modes,
+    )
+    new.train(table.training)
+    errors: tuple[float | None, float | None] = (None, None)
+    if counts is not None:
+        from ._table_calibrate import calibrate_table
+
+        errors = calibrate_table(new, table.weight, counts, config.calibration_steps)
+    with torch.no_grad():
+        rows = new.weight.to_matrix()[: new.num_embeddings]
+        error = frobenius_error(table.weight.detach(), rows)
+    row = LayerReport(
+        name=name,
+        kind="embedding",
+        group=None,
+        in_features=new.embedding_dim,
+        out_features=new.num_embeddings,
+        in_modes=tuple(unit.in_modes),
+        out_modes=tuple(unit.out_modes),
+        rank=new.rank,
+        old_params=table.weight.numel(),
+        new_params=new.num_params,
+        weight_error=error,
+        output_error_before=errors[0],
+        output_error_after=errors[1],
+        seconds=time.perf_counter() - start,
+        factorization=choice.factorization,
+        reason=choice.reason,
+        padded_rows=new.padded_rows,
+    )
+    return new, row
+
+
 def _swap(
-    model: nn.Module, built: list[tuple[_Unit, FactorizedLinear]]
+    model: nn.Module, built: list[tuple[_Unit, nn.Module]]
 ) -> list[tuple[nn.Module, str, nn.Module]]:
     """Put each replacement at every place its original is registered (undone on failure);
     returns what :func:`_unswap` needs to put the originals back."""
     new_for = {
-        id(linear): new[i] if unit.joint else new
+        id(linear): cast(FactorizedLinear, new)[i] if unit.joint else new
         for unit, new in built
         for i, (_, linear) in enumerate(unit.members)
     }
@@ -435,7 +543,7 @@ def _unswap(done: list[tuple[nn.Module, str, nn.Module]]) -> None:
 
 def _inputs_after(
     model: nn.Module,
-    built: list[tuple[_Unit, FactorizedLinear]],
+    built: list[tuple[_Unit, nn.Module]],
     unit: _Unit,
     data: Iterable,
     rows: int,
