@@ -131,7 +131,8 @@ class FactorizedEmbedding(nn.Module):
                 (``out_modes`` split the rows); used as is, no copy.
             num_embeddings: the rows a lookup may ask for (default: all of ``weight``'s; fewer
                 leaves the rest as padding).
-            padding_idx, implementation: as in the constructor.
+            padding_idx: as in the constructor.
+            implementation: as in the constructor.
         """
         if not isinstance(weight, FactorizedMatrix):
             raise TypeError(
@@ -196,6 +197,16 @@ class FactorizedEmbedding(nn.Module):
     def tensorized_shape(self) -> tuple[Modes, Modes]:
         """``(tensorized_num_embeddings, tensorized_embedding_dim)``, as in tltorch."""
         return self.tensorized_num_embeddings, self.tensorized_embedding_dim
+
+    @property
+    def tensor_shape(self) -> tuple[Modes, Modes]:
+        """tltorch's name for :attr:`tensorized_shape`."""
+        return self.tensorized_shape
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """``(num_embeddings, embedding_dim)``, as in tltorch."""
+        return self.num_embeddings, self.embedding_dim
 
     @property
     def padded_rows(self) -> int:
@@ -388,12 +399,16 @@ class FactorizedEmbedding(nn.Module):
 
         Args:
             embedding_layer: the table to compress; its ``padding_idx`` is kept.
-            rank, factorization, n_tensorized_modes, auto_tensorize,
-            tensorized_num_embeddings, tensorized_embedding_dim, implementation: as in the
-                constructor.
+            rank: as in the constructor (a float: the fraction of the table's parameters).
+            factorization: as in the constructor.
+            n_tensorized_modes: modes per side when auto-tensorizing.
             decompose_weights: decompose the table (``False``: a fresh random table of the
                 same shape).
+            auto_tensorize: as in the constructor.
             decomposition_kwargs: passed to the format's decomposition.
+            tensorized_num_embeddings: as in the constructor.
+            tensorized_embedding_dim: as in the constructor.
+            implementation: as in the constructor.
         """
         return cls.from_embedding_list(
             [embedding_layer],
