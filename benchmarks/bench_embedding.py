@@ -816,7 +816,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dists", default=None, help="index distributions (default uniform,zipf)")
     p.add_argument("--rounds", type=int, default=None, help="max rounds per point (15; 5)")
     p.add_argument("--block-ms", type=float, default=None, help="ms per timed block (20; 10)")
-    p.add_argument("--budget", type=float, default=None, help="s of blocks per point (2; 0.5)")
+    p.add_argument("--budget", type=float, default=None, help="s of blocks per point (1.5; 0.5)")
     p.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -837,7 +837,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.rounds = args.rounds or (5 if args.quick else 15)
     args.block_ms = args.block_ms or (10.0 if args.quick else 20.0)
-    args.budget = args.budget or (0.5 if args.quick else 2.0)
+    args.budget = args.budget or (0.5 if args.quick else 1.5)
     args.dists = args.dists or ("uniform" if args.quick else ",".join(DISTS))
     return args
 

@@ -606,3 +606,17 @@ def test_token_counts_leave_out_padding_positions():
         model, {"tok": model.tok}, [{"input_ids": ids, "attention_mask": mask}]
     )["tok"]
     assert counts.tolist() == [0, 1, 1, 3, 0, 0, 0, 0, 0, 0]
+
+
+def test_distill_trains_the_table_factors():
+    torch.manual_seed(0)
+    teacher = _TokenNet()
+    student = _TokenNet()
+    student.load_state_dict(teacher.state_dict())
+    tz.tensorize_(student, _config(embeddings=True, rank=0.3, target_modules=["tok"]))
+    before = [p.detach().clone() for p in student.tok.parameters()]
+    data = [torch.randint(0, 61, (4, 8)) for _ in range(8)]
+    report = tz.distill_(student, teacher, data, epochs=2, progress=False)
+    assert any(not torch.equal(b, p) for b, p in zip(before, student.tok.parameters()))
+    assert report.after <= report.before
+    assert report.trained_params == student.tok.num_params  # the table's factors only

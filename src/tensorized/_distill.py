@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ._calibrate import _call, _check_data, padding_mask
 from ._config import show_progress
+from ._embedding import FactorizedEmbedding
 from ._linear import FactorizedLinear
 
 __all__ = ["DistillReport", "distill_"]
@@ -121,12 +122,13 @@ def _trainable(model: nn.Module, train: str) -> dict[nn.Parameter, int]:
     """Parameter -> the number of factors in the product it belongs to."""
     out: dict[nn.Parameter, int] = {}
     for module in model.modules():
-        if isinstance(module, FactorizedLinear):
+        if isinstance(module, FactorizedLinear | FactorizedEmbedding):
             factors = list(module.weight.parameters())
             for p in factors:
                 out.setdefault(p, max(1, len(factors)))
-            if module.bias is not None:
-                out.setdefault(module.bias, 1)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                out.setdefault(bias, 1)
     if train == "all":
         for p in model.parameters():
             out.setdefault(p, 1)
@@ -187,7 +189,8 @@ def distill_(
         lr: relative step size (each parameter moves by about ``lr * rms(p) / k`` per step,
             ``k`` the factors of its product); ``None``: 0.01, which suits every format.
         held_out: fraction of the batches (at least one) held out to measure the error.
-        train: ``'factorized'`` (only the factorized layers' factors and biases) or
+        train: ``'factorized'`` (only the factors and biases of the factorized layers and
+            embedding tables) or
             ``'all'`` (every parameter of the model); parameters with
             ``requires_grad=False`` are never trained.
         seed: seed of the held-out split and of the batch order.
