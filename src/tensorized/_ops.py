@@ -131,7 +131,9 @@ def sliced_matmul(h: Tensor, slices: Tensor, index: Tensor) -> Tensor:
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=o).tolist()
     groups = h.index_select(0, order).split(counts)
-    done = torch.cat([g @ slices[v] for v, g in enumerate(groups) if len(g)])
+    # unbind: one backward for all slices (indexing each would allocate and sum o zero-filled
+    # gradients of the whole slices tensor)
+    done = torch.cat([g @ s for s, g in zip(slices.unbind(0), groups) if len(g)])
     # Back to the rows' order by a gather (index_copy into a fresh tensor is twice as slow).
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
