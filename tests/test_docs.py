@@ -53,20 +53,6 @@ def test_fence_parser_finds_blocks_and_their_info_strings():
     ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_tensorly_backend():
-    """Importing tltorch sets TensorLy's global backend to 'pytorch'; the tests that run
-    after these expect it unchanged."""
-    if importlib.util.find_spec("tensorly") is None:
-        yield
-        return
-    import tensorly
-
-    before = tensorly.get_backend()
-    yield
-    tensorly.set_backend(before)
-
-
 def run_page(page: Path, with_tltorch: bool) -> None:
     """Run the page's blocks in order in one namespace (cwd: the caller's tmp_path)."""
     namespace = {"__name__": "__main__"}

@@ -245,15 +245,19 @@ def test_signature_matches_tltorch():
 def test_same_lookup_as_tltorch_for_its_own_factors():
     # A tltorch table's full reconstruction, decomposed by us at full rank, gives its rows.
     tltorch = pytest.importorskip("tltorch")
-    theirs = tltorch.FactorizedEmbedding(60, 12, n_tensorized_modes=2, rank=4)
-    table = theirs.weight.to_matrix().detach()[:60].double()
+    import tensorly as tl
+
+    with tl.backend_context("pytorch"):  # what importing tltorch sets (conftest restores it)
+        theirs = tltorch.FactorizedEmbedding(60, 12, n_tensorized_modes=2, rank=4)
+        table = theirs.weight.to_matrix().detach()[:60].double()
+        x = torch.randint(0, 60, (3, 4))
+        expected = theirs(x).detach().double()
     modes = _embedding.table_modes(60, 12, True, 2, None, None)
     ours = tz.FactorizedEmbedding.from_embedding(
         nn.Embedding(60, 12, _weight=table), rank=_full_rank("tt", modes), factorization="tt"
     )
-    x = torch.randint(0, 60, (3, 4))
     # tltorch computes in float32
-    torch.testing.assert_close(ours(x), theirs(x).detach().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- decomposition
