@@ -277,8 +277,8 @@ class FactorizedEmbedding(nn.Module):
         """
         n = self.weight.n_layers
         layer = normalize_index(indices, n) if n > 1 else None
-        if n == 1 and indices != 0:
-            normalize_index(indices, 1)  # the same rule as with layers: 0 or -1
+        if n == 1 and indices != 0:  # the same rule as with layers: only 0 or -1
+            normalize_index(indices, 1)
         flat = self._check_input(input)
         if flat.numel() == 0:
             param = next(self.weight.parameters())
@@ -410,6 +410,11 @@ class FactorizedEmbedding(nn.Module):
             tensorized_embedding_dim: as in the constructor.
             implementation: as in the constructor.
         """
+        if not isinstance(embedding_layer, nn.Embedding):
+            raise TypeError(
+                f"embedding_layer must be a torch.nn.Embedding, got "
+                f"{type(embedding_layer).__name__}"
+            )
         return cls.from_embedding_list(
             [embedding_layer],
             rank,
@@ -421,7 +426,6 @@ class FactorizedEmbedding(nn.Module):
             tensorized_num_embeddings=tensorized_num_embeddings,
             tensorized_embedding_dim=tensorized_embedding_dim,
             implementation=implementation,
-            _joint=False,
         )
 
     @classmethod
@@ -438,18 +442,19 @@ class FactorizedEmbedding(nn.Module):
         tensorized_num_embeddings: Sequence[int] | None = None,
         tensorized_embedding_dim: Sequence[int] | None = None,
         implementation: str = "auto",
-        _joint: bool = True,
     ) -> FactorizedEmbedding:
         """Factorize several same-shaped tables jointly into one tensor with a leading table
         mode (``n_layers = len(embedding_layer_list)``); arguments as in
         :meth:`from_embedding`."""
-        tables = list(embedding_layer_list) if _joint else list(embedding_layer_list)[:1]
+        tables = list(embedding_layer_list)
         if not tables:
             raise ValueError("embedding_layer_list is empty: give at least one nn.Embedding")
         for k, e in enumerate(tables):
             if not isinstance(e, nn.Embedding):
-                what = "embedding_layer" if not _joint else f"embedding_layer_list[{k}]"
-                raise TypeError(f"{what} must be a torch.nn.Embedding, got {type(e).__name__}")
+                raise TypeError(
+                    f"embedding_layer_list[{k}] must be a torch.nn.Embedding, got "
+                    f"{type(e).__name__}"
+                )
             if e.max_norm is not None:
                 raise ValueError(
                     f"nn.Embedding with max_norm={e.max_norm} renormalizes rows at lookup, "
