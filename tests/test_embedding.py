@@ -391,10 +391,77 @@ def test_row_work_counts_the_flops_the_lookup_runs(name, n):
     )
     work = FORMATS[name].row_work(emb.weight.signature, n)
     declared = sum(2 * m * k * p * c for m, k, p, c in work.prepare + work.apply)
-    index = torch.randperm(512)[:n]
+    # distinct rows whose digit prefixes and suffixes each cover all values once n > 64, so
+    # the TT-matrix's shared-prefix steps run on exactly as many states as declared
+    index = (torch.arange(n) * 7) % 512
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         emb.weight.rows(index)
     assert counter.get_total_flops() == declared
+
+
+@pytest.mark.parametrize("merge", [(False, False, False), (True, True, False), (True, True, True)])
+def test_prefix_chain_equals_the_per_row_products(merge):
+    from tensorized._ops import prefix_chain
+
+    g = torch.Generator().manual_seed(0)
+    modes, ins, ranks = (4, 3, 5), (2, 3, 2), (1, 3, 4, 2)
+    slices = [
+        torch.randn(o, ranks[k], ins[k], ranks[k + 1], dtype=F64, generator=g)
+        for k, o in enumerate(modes)
+    ]
+    digits = [torch.randint(0, o, (40,), generator=g) for o in modes]
+    digits = [torch.cat([d, d[:7]]) for d in digits]  # duplicate rows and prefixes
+    got = prefix_chain(slices, digits, merge)
+    for b in range(len(digits[0])):
+        h = slices[0][digits[0][b], 0]  # (i_1, r_1)
+        for s, d in zip(slices[1:], digits[1:]):
+            h = torch.einsum("ar,rjs->ajs", h, s[d[b]]).reshape(-1, s.shape[-1])
+        torch.testing.assert_close(got[b], h, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("n", [5, 400])
+def test_blocktt_rows_from_either_end_equal_the_oracle(reverse, n, monkeypatch):
+    from tensorized._ops import prefix_merges
+    from tensorized.formats import blocktt
+
+    emb = tz.FactorizedEmbedding(
+        512,
+        24,
+        n_tensorized_modes=3,
+        factorization="blocktt",
+        rank=(2, 3, 4),
+        n_layers=2,
+        dtype=F64,
+    )
+    modes = emb.weight.out_modes[::-1] if reverse else emb.weight.out_modes
+    monkeypatch.setattr(blocktt, "_row_plan", lambda s, k: (reverse, prefix_merges(modes, k)))
+    x = torch.randint(0, 512, (n,))
+    g = torch.randn(n, 24, dtype=F64)
+    for layer in (0, 1):
+        rows = emb.weight.rows(x, layer)
+        torch.testing.assert_close(rows, _oracle_rows(emb, x, layer), rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad((rows * g).sum(), list(emb.parameters()))
+        want = torch.autograd.grad((_oracle_rows(emb, x, layer) * g).sum(), list(emb.parameters()))
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_row_plan_runs_the_chain_from_the_cheaper_end():
+    from tensorized.formats import blocktt
+
+    emb = tz.FactorizedEmbedding(30522, 384, factorization="blocktt", rank=(19, 23), device="meta")
+    shape = emb.weight.signature
+    cost = {}
+    for reverse in (False, True):
+        modes = [c[1] for c in blocktt.layer_shapes(shape)]
+        merge = blocktt.prefix_merges(modes[::-1] if reverse else modes, 1983)
+        products, _, _ = blocktt._chain_work(blocktt.layer_shapes(shape), 1983, reverse, merge)
+        cost[reverse] = sum(2 * m * k * p * c for m, k, p, c in products)
+    # from the right, the (o_2, o_3) suffixes (961 of them) are shared by 1983 rows
+    assert cost[True] < 0.8 * cost[False]
+    assert blocktt._row_plan(shape, 1983)[0] is True
+    assert blocktt._row_plan(shape, 1) == (False, (False, False, False))
 
 
 # ---------------------------------------------------------------- ecosystem
@@ -447,9 +514,12 @@ def test_inspect_lists_tables():
     assert rows[0]["dense_params"] == 60 * 12
 
 
-def test_compile_fullgraph_matches_eager():
-    emb = _table("blocktt", 59, padding_idx=3).float()
-    x = torch.randint(0, 59, (4, 6))
+@pytest.mark.parametrize(
+    "num, shape", [(59, (4, 6)), (512, (20, 20))]
+)  # (8, 8, 8): prefixes shared
+def test_compile_fullgraph_matches_eager(num, shape):
+    emb = _table("blocktt", num, padding_idx=3).float()
+    x = torch.randint(0, num, shape)
     compiled = torch.compile(emb, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), emb(x))
     y = compiled(x)

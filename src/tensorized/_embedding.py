@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,9 @@ LOOKUPS = ("rows", "reconstructed")
 #: Rows are computed in chunks whose temporaries stay below this many elements (the
 #: TT-matrix's gathered core slices grow as rows x rank^2 x mode).
 CHUNK_NUMEL = 1 << 24
+# Lookups of at most this many indices skip the dedup and, on the CPU, check their range on
+# the host: a few kernels of fixed cost weigh more than the rows themselves.
+_FEW = 16
 
 
 class FactorizedEmbedding(nn.Module):
@@ -161,6 +164,23 @@ class FactorizedEmbedding(nn.Module):
         self.padding_idx = _check_padding_idx(padding_idx, num_embeddings)
         self.implementation = implementation
         self._std = 1.0
+        self._bind_parameters()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _bind_parameters(self) -> None:
+        # A plain tuple (not registered): forward reads the weight module and its parameters
+        # without module attribute lookups or parameter generators (as FactorizedLinear).
+        weight = cast(FactorizedMatrix, self._modules["weight"])
+        self._bound = (weight, tuple(weight.parameters()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "weight" and "_bound" in self.__dict__:
+            if not isinstance(value, FactorizedMatrix):
+                raise TypeError(
+                    f"weight must be a tensorized.FactorizedMatrix, got {type(value).__name__}"
+                )
+            self._bind_parameters()
 
     # ------------------------------------------------------------------ attributes
 
@@ -260,9 +280,11 @@ class FactorizedEmbedding(nn.Module):
         ``'reconstructed'`` (the fixed ``implementation``, or the planner's choice)."""
         if self._implementation != "auto":
             return self._implementation
-        param = next(self.weight.parameters())
-        grad = (torch.is_grad_enabled() and param.requires_grad) if training is None else training
-        return _plan(self.weight.signature, n_rows, param.dtype, param.device.type, grad)[0]
+        weight, params = self._bound
+        grad = (
+            (torch.is_grad_enabled() and params[0].requires_grad) if training is None else training
+        )
+        return _plan(weight.signature, n_rows, params[0].dtype, params[0].device.type, grad)[0]
 
     def forward(self, input: Tensor, indices: int = 0) -> Tensor:
         """Rows ``input`` of table ``indices``.
@@ -275,50 +297,58 @@ class FactorizedEmbedding(nn.Module):
         Returns:
             ``(*input.shape, embedding_dim)``.
         """
-        n = self.weight.n_layers
-        layer = normalize_index(indices, n) if n > 1 else None
-        if n == 1 and indices != 0:  # the same rule as with layers: only 0 or -1
+        # Runs on every call: plain attribute reads of values bound at construction.
+        weight, params = self._bound
+        n = weight.n_layers
+        if type(indices) is int and 0 <= indices < n:  # the common case, checked cheaply
+            layer = indices if n > 1 else None
+        elif n > 1:
+            layer = normalize_index(indices, n)
+        else:  # the same rule as with layers: only 0 or -1
             normalize_index(indices, 1)
-        flat = self._check_input(input)
+            layer = None
+        flat = self._check_input(input, params[0])
         if flat.numel() == 0:
-            param = next(self.weight.parameters())
-            return param.new_zeros(*input.shape, self.embedding_dim)
-        compiling = torch.compiler.is_compiling()
-        if compiling or flat.is_meta or flat.numel() == 1:
+            return params[0].new_zeros(*input.shape, weight.in_features)
+        if flat.numel() <= _FEW or flat.is_meta or torch.compiler.is_compiling():
             rows = self._lookup(flat, layer)
         else:  # each distinct row once
             unique, inverse = torch.unique(flat, return_inverse=True)
             rows = self._lookup(unique, layer).index_select(0, inverse)
-        return rows.reshape(*input.shape, self.embedding_dim)
+        return rows.reshape(*input.shape, weight.in_features)
 
     def _lookup(self, index: Tensor, layer: int | None) -> Tensor:
+        weight, params = self._bound
         n = len(index)
-        param = next(self.weight.parameters())
-        grad = torch.is_grad_enabled() and param.requires_grad
-        strategy, chunk = _plan(self.weight.signature, n, param.dtype, param.device.type, grad)
-        if self._implementation != "auto":
-            strategy = self._implementation
-        if strategy == "reconstructed":
-            rows = self.weight.to_matrix(layer).index_select(0, index)
-        elif n <= chunk:
-            rows = self.weight.rows(index, layer)
+        if self._implementation == "rows" and n <= _FEW:
+            strategy, chunk = "rows", n
         else:
-            rows = torch.cat([self.weight.rows(part, layer) for part in index.split(chunk)])
+            grad = torch.is_grad_enabled() and params[0].requires_grad
+            strategy, chunk = _plan(
+                weight.signature, n, params[0].dtype, params[0].device.type, grad
+            )
+            if self._implementation != "auto":
+                strategy = self._implementation
+        if strategy == "reconstructed":
+            rows = weight.to_matrix(layer).index_select(0, index)
+        elif n <= chunk:
+            rows = weight.rows(index, layer)
+        else:
+            rows = torch.cat([weight.rows(part, layer) for part in index.split(chunk)])
         if self.padding_idx is not None:  # a zero row; masked_fill passes it no gradient
             rows = rows.masked_fill((index == self.padding_idx).unsqueeze(-1), 0)
         return rows
 
-    def _check_input(self, input: Tensor) -> Tensor:
+    def _check_input(self, input: Tensor, param: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             raise TypeError(
                 f"input must be a torch.Tensor of row indices, got {type(input).__name__}"
             )
-        if input.dtype not in (torch.int64, torch.int32):
+        if input.dtype is not torch.int64 and input.dtype is not torch.int32:
             raise TypeError(
                 f"input must hold integer row indices (torch.int64 or torch.int32), got "
                 f"dtype {input.dtype}"
             )
-        param = next(self.weight.parameters())
         if input.device != param.device and not param.is_meta:
             raise ValueError(
                 f"input is on {input.device} but the embedding's parameters are on "
@@ -333,8 +363,12 @@ class FactorizedEmbedding(nn.Module):
                 "FactorizedEmbedding: index out of range",
             )
             return flat
-        low, high = torch.aminmax(flat)
-        low_v, high_v = int(low), int(high)
+        if flat.numel() <= _FEW and flat.device.type == "cpu":  # on the host: no kernels
+            values = flat.tolist()
+            low_v, high_v = min(values), max(values)
+        else:
+            low, high = torch.aminmax(flat)
+            low_v, high_v = int(low), int(high)
         if low_v < 0 or high_v >= self.num_embeddings:
             bad = low_v if low_v < 0 else high_v
             raise IndexError(
@@ -607,6 +641,12 @@ def _check_padding_idx(padding_idx: object, num_embeddings: int) -> int | None:
             f"padding_idx={padding_idx} is out of range for num_embeddings={num_embeddings}"
         )
     return padding_idx % num_embeddings  # negative counts from the end, as in nn.Embedding
+
+
+def _after_load(module: nn.Module, incompatible: Any) -> None:
+    """After ``load_state_dict`` (``assign=True`` replaces the parameter objects)."""
+    if isinstance(module, FactorizedEmbedding):
+        module._bind_parameters()
 
 
 def _work_numel(w: Work) -> int:

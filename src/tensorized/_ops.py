@@ -153,3 +153,77 @@ def _grouped(n: int, a: int, r: int, c: int, o: int) -> bool:
     # Grouping copies h twice (sorted in, unsorted out: a (r + c) per row); gathering copies
     # one slice per row (r c). Group when rows outnumber slices and slices are the larger.
     return n > o and r * c > a * (r + c)
+
+
+def prefix_chain(
+    slices: Sequence[Tensor], digits: Sequence[Tensor], merge: Sequence[bool]
+) -> Tensor:
+    """Row ``b`` of a chain of sliced cores: ``slices[0][d_0] @ slices[1][d_1] @ ...`` with
+    ``d_k = digits[k][b]``, each ``slices[k]`` ``(o_k, r_{k-1}, i_k, r_k)`` (``r_0 = 1``) and
+    each product's ``i`` axes kept, first most significant: -> ``(n, prod i_k, r_m)``.
+
+    Where ``merge[k]``, rows that share their digits up to ``k`` (a prefix) share its state:
+    the step runs once per distinct prefix (the nodes of the rows' prefix tree), not once per
+    row. ``merge`` must be ``True`` up to some step and ``False`` after it.
+    """
+    if digits[0].is_meta or torch.compiler.is_compiling():  # distinct counts are data
+        merge = [False] * len(merge)
+    first = slices[0][:, 0]  # (o_1, i_1, r_1)
+    key, states = digits[0], None  # states: the sorted distinct prefixes, when merged
+    if len(merge) > 1 and merge[1]:
+        states = torch.unique(key)
+        h = first.index_select(0, states)
+    else:
+        h = first.index_select(0, key)
+    for s, d, shared in zip(slices[1:], digits[1:], merge[1:]):
+        o, r, i, r2 = s.shape
+        mats = s.reshape(o, r, i * r2)
+        if shared:
+            key = key * o + d
+            distinct, inverse = torch.unique(key, return_inverse=True)
+            assert states is not None
+            parent = torch.searchsorted(states, torch.div(distinct, o, rounding_mode="floor"))
+            h = sliced_matmul(h.index_select(0, parent), mats, distinct % o)
+            states = distinct
+        else:
+            if states is not None:  # back to one state per row
+                h, states = h.index_select(0, inverse), None
+            h = sliced_matmul(h, mats, d)
+        h = h.reshape(len(h), -1, r2)
+    return h if states is None else h.index_select(0, inverse)
+
+
+def prefix_chain_work(
+    shapes: Sequence[Sequence[int]], n: int, merge: Sequence[bool]
+) -> tuple[list[tuple[int, int, int, int]], int, int]:
+    """``(products, element-wise numel, extra calls)`` of :func:`prefix_chain` over cores
+    of ``shapes`` ``(r_{k-1}, o_k, i_k, r_k)``, counting ``min(n, prefixes)`` states at a
+    merged step (exact when every prefix occurs; an upper bound otherwise)."""
+    prefixes = shapes[0][1]
+    states = min(n, prefixes) if len(merge) > 1 and merge[1] else n
+    products: list[tuple[int, int, int, int]] = []
+    numel, calls, done = states * shapes[0][2] * shapes[0][3], 0, shapes[0][2]
+    for (r, o, i, r2), shared in zip(list(shapes)[1:], list(merge)[1:]):
+        prefixes *= o
+        rows = min(n, prefixes) if shared else n
+        gemms, moved, extra = sliced_matmul_work(rows, done, r, i * r2, o)
+        products += gemms
+        numel += moved + rows * done * r  # the parents' states gathered
+        calls += extra + (4 if shared else 0)  # unique, searchsorted, div, remainder
+        done *= i
+    if merge[-1]:
+        numel += n * done * shapes[-1][3]
+    return products, numel, calls
+
+
+def prefix_merges(out_modes: Sequence[int], n: int) -> tuple[bool, ...]:
+    """Which steps of a :func:`prefix_chain` over ``n`` rows share prefixes: those with at
+    most twice as many possible prefixes as rows (the first step follows the second)."""
+    merge, prefixes = [], 1
+    for o in out_modes:
+        prefixes *= o
+        merge.append(2 * n > prefixes)
+    if len(merge) == 1:
+        return (False,)
+    merge[0] = merge[1]
+    return tuple(merge)

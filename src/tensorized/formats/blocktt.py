@@ -6,6 +6,8 @@ extra leading core ``(1, n_layers, r_0')``. Needs as many in modes as out modes.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import decompose
-from .._ops import sliced_matmul, sliced_matmul_work
+from .._ops import prefix_chain, prefix_chain_work, prefix_merges
 from .._shapes import Modes
 from ._strategy import Gemm, Strategy, WeightShape, Work, reconstructed
 from .base import FactorizedMatrix, add_bias
@@ -134,26 +136,27 @@ class BlockTTFormat(TrainFormat):
         return t.reshape(self.out_features, self.in_features)
 
     def _rows(self, index: Tensor, layer: int | None) -> Tensor:
-        # Per row, the chain of the cores' slices at its out digits, (i_k, r) blocks grown
-        # left to right by batched products: (n, in_1..in_k, r_k) -> (n, in, 1).
+        # Per row, the chain of the cores' slices at its out digits (prefix_chain), run from
+        # the end that costs less; from the right, each core's bond axes swap and the row's
+        # in digits come out last-first.
         cores, n = self.layer_cores(layer), len(index)
         digits = self.out_digits(index)
-        h = cores[0][0].index_select(0, digits[0])  # (n, i_1, r_1)
-        for c, d in zip(cores[1:], digits[1:]):
-            slices = c.transpose(0, 1).reshape(c.shape[1], c.shape[0], -1)  # (o_k, r, i_k r')
-            h = sliced_matmul(h, slices, d).reshape(n, -1, c.shape[-1])
+        reverse, merge = _row_plan(self.signature, n)
+        if not reverse:
+            return prefix_chain([c.transpose(0, 1) for c in cores], digits, merge).reshape(
+                n, self.in_features
+            )
+        flipped = [c.permute(1, 3, 2, 0) for c in reversed(cores)]  # (o, r_k, i, r_{k-1})
+        h = prefix_chain(flipped, digits[::-1], merge)
+        m = len(cores)
+        h = h.reshape(n, *reversed(self.in_modes)).permute(0, *range(m, 0, -1))
         return h.reshape(n, self.in_features)
 
     @classmethod
     def row_work(cls, shape: WeightShape, n: int) -> Work:
-        shapes, prepare = layer_shapes(shape), layer_merge_work(shape)
-        apply: list[Gemm] = []
-        numel, calls, done = n * shapes[0][2] * shapes[0][3], 0, shapes[0][2]
-        for c in shapes[1:]:
-            products, moved, extra = sliced_matmul_work(n, done, c[0], c[2] * c[3], c[1])
-            apply, numel, calls = apply + products, numel + moved, calls + extra
-            done *= c[2]
-        return Work(prepare, apply, apply_numel=numel, extra_calls=calls)
+        reverse, merge = _row_plan(shape, n)
+        products, numel, calls = _chain_work(layer_shapes(shape), n, reverse, merge)
+        return Work(layer_merge_work(shape), products, apply_numel=numel, extra_calls=calls)
 
     def _decompose(self, tensor: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         cores = decompose.tensor_train_matrix(tensor, len(self.out_modes), self.rank, **kwargs)
@@ -192,3 +195,36 @@ class BlockTTFormat(TrainFormat):
         if n_layers > 1:
             cores[0] = cores[0].squeeze(2)
         return _train_from_cores(cls, cores, in_modes, out_modes, n_layers)
+
+
+# Element moves weighed against multiply-adds when choosing a lookup's direction (a copied
+# element costs about as much as 16 FLOPs at GEMM rate on the CPUs measured).
+_MOVE_FLOPS = 16
+
+
+def _chain_work(
+    shapes: list[tuple[int, ...]], n: int, reverse: bool, merge: tuple[bool, ...]
+) -> tuple[list[Gemm], int, int]:
+    if not reverse:
+        return prefix_chain_work(shapes, n, merge)
+    flipped = [(r2, o, i, r) for r, o, i, r2 in reversed(shapes)]
+    products, numel, calls = prefix_chain_work(flipped, n, merge)
+    # the cores copied to their flipped layout, the rows' in digits put back in order
+    numel += sum([math.prod(c) for c in shapes]) + n * math.prod([c[2] for c in shapes])
+    return products, numel, calls
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_plan(shape: WeightShape, n: int) -> tuple[bool, tuple[bool, ...]]:
+    """``(reverse, merge)`` for a lookup of ``n`` rows of one layer of ``shape``: the chain
+    runs from the right when that costs less (FLOPs plus weighed element moves)."""
+    shapes, best = layer_shapes(shape), None
+    for reverse in (False, True):  # plain loops: dynamo traces this under torch.compile
+        modes = [c[1] for c in (reversed(shapes) if reverse else shapes)]
+        merge = prefix_merges(modes, n)
+        products, numel, _ = _chain_work(shapes, n, reverse, merge)
+        cost = sum([2 * m * k * p * c for m, k, p, c in products]) + _MOVE_FLOPS * numel
+        if best is None or cost < best[0]:
+            best = (cost, reverse, merge)
+    assert best is not None
+    return best[1], best[2]
