@@ -94,6 +94,33 @@ def test_many_rows_take_the_grouped_and_chunked_paths(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_single_and_few_row_lookups_equal_the_oracle(name, n_layers):
+    # One CPU index: digits on the host, views of the factor slices; fewer rows than the
+    # first in mode (3 < 4 of (4, 4, 3)): CP and Tucker skip the in factors' Kronecker product.
+    emb = tz.FactorizedEmbedding(
+        3000,
+        48,
+        factorization=name,
+        rank=0.1 if _rank(name) == 0.5 else "same",
+        n_layers=n_layers,
+        dtype=F64,
+    )
+    assert emb.weight.in_modes[0] == 4
+    for layer in range(n_layers):
+        for x in (torch.tensor([0]), torch.tensor([[2999]]), torch.tensor([1234, 7, 7])):
+            y = emb(x, layer)
+            torch.testing.assert_close(y, _oracle_rows(emb, x, layer), rtol=1e-10, atol=1e-12)
+            g = torch.randn_like(y)
+            ours = torch.autograd.grad((y * g).sum(), list(emb.parameters()))
+            want = torch.autograd.grad(
+                (_oracle_rows(emb, x, layer) * g).sum(), list(emb.parameters())
+            )
+            for a, b in zip(ours, want):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
 def test_gradients_equal_the_oracle_tables(name):
     emb = _table(name, 59, padding_idx=5)
     x = torch.tensor([[1, 5, 7, 7], [58, 0, 5, 12]])
@@ -382,7 +409,7 @@ def test_planner_rebuilds_only_when_that_is_cheaper():
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
-@pytest.mark.parametrize("n", [3, 300])  # fewer and more rows than a mode has slices
+@pytest.mark.parametrize("n", [1, 3, 300])  # one (host digits), fewer and more than slices
 def test_row_work_counts_the_flops_the_lookup_runs(name, n):
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -294,6 +294,24 @@ class FactorizedMatrix(nn.Module):
             digits.append(d % mode if k else d)
         return digits
 
+    def host_digits(self, index: Tensor) -> list[int] | None:
+        """The digits of a single row index held on the CPU, as Python ints (a few views and
+        products then make the row, with no gather kernels); ``None`` otherwise, and always
+        under ``torch.compile``."""
+        if len(index) != 1 or index.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        value, digits = int(index), []
+        for mode in reversed(self.out_modes):
+            value, d = divmod(value, mode)
+            digits.append(d)
+        return digits[::-1]
+
+    def row_digits(self, index: Tensor) -> list[Tensor | int]:
+        """:meth:`host_digits` where it applies, else :meth:`out_digits`; read them with
+        :func:`pick`."""
+        single = self.host_digits(index)
+        return list(self.out_digits(index) if single is None else single)
+
     def _rows(self, index: Tensor, layer: int | None) -> Tensor:
         """Per-row path; this fallback rebuilds the matrix and gathers (formats override it
         together with :meth:`row_work`)."""
@@ -659,3 +677,10 @@ def layer_count(shape: Sequence[int], in_modes: Modes, out_modes: Modes) -> int 
     if len(shape) == len(body) + 1 and shape[1:] == body:
         return shape[0]
     return None
+
+
+def pick(factor: Tensor, digits: Tensor | int) -> Tensor:
+    """Rows ``digits`` of ``factor``: a view for a host digit, else a gather."""
+    if isinstance(digits, int):
+        return factor[digits : digits + 1]
+    return factor.index_select(0, digits)

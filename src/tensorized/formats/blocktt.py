@@ -140,6 +140,12 @@ class BlockTTFormat(TrainFormat):
         # the end that costs less; from the right, each core's bond axes swap and the row's
         # in digits come out last-first.
         cores, n = self.layer_cores(layer), len(index)
+        single = self.host_digits(index)
+        if single is not None:  # one row: views of the slices, one product per core
+            h = cores[0][0, single[0]]  # (i_1, r_1)
+            for c, d in zip(cores[1:], single[1:]):
+                h = (h @ c[:, d].reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+            return h.reshape(1, self.in_features)
         digits = self.out_digits(index)
         reverse, merge = _row_plan(self.signature, n)
         if not reverse:

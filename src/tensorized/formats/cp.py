@@ -18,7 +18,16 @@ from .._ops import khatri_rao
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed, member
+from .base import (
+    FactorizedMatrix,
+    Option,
+    add_bias,
+    balanced_std,
+    layer_count,
+    listed,
+    member,
+    pick,
+)
 
 
 def _sizes(in_modes: Modes, out_modes: Modes, n_layers: int) -> tuple[int, ...]:
@@ -33,6 +42,12 @@ def _split(w: CPFormat, layer: int | None) -> tuple[Tensor, list[Tensor], list[T
         scale = scale * factors.pop(0)[layer]
     m = w._n_out
     return scale, factors[:m], factors[m:]
+
+
+def _few_rows(n: int, in_modes: tuple[int, ...]) -> bool:
+    # Per row, the rows path writes about in / in_1 elements per component; the Khatri-Rao
+    # product writes in per component once.
+    return len(in_modes) > 1 and n < in_modes[0]
 
 
 def _scaled(w: CPFormat, layer: int | None) -> tuple[list[Tensor], list[Tensor]]:
@@ -158,18 +173,30 @@ class CPFormat(FactorizedMatrix):
         return (khatri_rao(outs) * scale) @ khatri_rao(ins).T
 
     def _rows(self, index: Tensor, layer: int | None) -> Tensor:
-        # The rows' out-factor entries multiplied together (n, R), then one GEMM with the
-        # Khatri-Rao product of the in factors (in, R).
+        # The rows' out-factor entries multiplied together (n, R); then, for many rows, one
+        # GEMM with the Khatri-Rao product of the in factors (in, R). For few rows that
+        # product outweighs the rows: each row's weights take the in factors after the first
+        # ((n, in / in_1, R), never in x R), and one batched GEMM contracts the first.
         scale, outs, ins = _split(self, layer)
-        digits = self.out_digits(index)
-        h = outs[0].index_select(0, digits[0])
+        digits, n = self.row_digits(index), len(index)
+        h = pick(outs[0], digits[0])
         for f, d in zip(outs[1:], digits[1:]):
-            h = h * f.index_select(0, d)
-        return (h * scale) @ khatri_rao(ins).T
+            h = h * pick(f, d)
+        h = h * scale
+        if not _few_rows(n, self.in_modes):
+            return h @ khatri_rao(ins).T
+        y = h.unsqueeze(1)  # (n, 1, R): in digits appended least significant first
+        for f in ins[1:]:
+            y = (y.unsqueeze(2) * f).reshape(n, -1, self.rank)
+        return torch.matmul(ins[0], y.transpose(1, 2)).reshape(n, self.in_features)
 
     @classmethod
     def row_work(cls, shape: WeightShape, n: int) -> Work:
-        R, m = shape.rank, len(shape.out_modes)
+        R, m, modes = shape.rank, len(shape.out_modes), shape.in_modes
+        if _few_rows(n, modes):
+            rest = shape.in_features // modes[0]
+            grown = sum(math.prod(modes[1 : k + 1]) for k in range(1, len(modes)))
+            return Work([], [(modes[0], R, rest, n)], apply_numel=n * R * (m + 1 + grown))
         return Work(
             [],
             [(n, R, shape.in_features, 1)],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,16 @@ from .._ops import mode_dot, sliced_matmul, sliced_matmul_work, unfold
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
-from .base import FactorizedMatrix, Option, add_bias, balanced_std, layer_count, listed, member
+from .base import (
+    FactorizedMatrix,
+    Option,
+    add_bias,
+    balanced_std,
+    layer_count,
+    listed,
+    member,
+    pick,
+)
 
 
 def _core(w: TuckerFormat, layer: int | None) -> Tensor:
@@ -204,19 +213,25 @@ class TuckerFormat(FactorizedMatrix):
         # other out modes follow row by row; the (n, S) result meets the Kronecker product
         # of the in factors (S, in) in one GEMM.
         m, factors = len(self.out_modes), listed(member(self, "factors"))
-        digits, n, rank = self.out_digits(index), len(index), self.rank
+        digits, n, rank = self.row_digits(index), len(index), self.rank
         core = _core(self, layer).reshape(rank[0], -1)
-        if m == 1 or n < self.out_modes[0]:
-            h, done = factors[0].index_select(0, digits[0]) @ core, 1
+        if m == 1 or n < self.out_modes[0] or n == 1:
+            h, done = pick(factors[0], digits[0]) @ core, 1
         else:
             C = (factors[0] @ core).reshape(self.out_modes[0], rank[1], -1)
-            u = factors[1].index_select(0, digits[1]).unsqueeze(1)  # (n, 1, r_2)
-            h, done = sliced_matmul(u, C, digits[0]), 2
+            u = pick(factors[1], digits[1]).unsqueeze(1)  # (n, 1, r_2); n > 1: tensors
+            h, done = sliced_matmul(u, C, cast(Tensor, digits[0])), 2
         for f, d in zip(factors[done:m], digits[done:]):
-            u = f.index_select(0, d).unsqueeze(1)  # (n, 1, r_k)
+            u = pick(f, d).unsqueeze(1)  # (n, 1, r_k)
             h = torch.bmm(u, h.reshape(n, f.shape[1], -1))
-        kron = factors[m]
-        for f in factors[m + 1 :]:
+        ins = factors[m:]
+        if n < self.in_modes[0]:  # few rows: mode by mode, not the (S, in) Kronecker product
+            h = h.reshape(n, *rank[m:])
+            for k, f in enumerate(ins):
+                h = mode_dot(h, f, k + 1)
+            return h.reshape(n, self.in_features)
+        kron = ins[0]
+        for f in ins[1:]:
             kron = torch.kron(kron, f)
         return h.reshape(n, -1) @ kron.T
 
@@ -226,7 +241,7 @@ class TuckerFormat(FactorizedMatrix):
         S = math.prod(rank[m:])
         left = math.prod(rank[1:m]) * S  # what remains after each out mode
         numel, calls = n * sum(rank[:m]), 0
-        if m == 1 or n < o1:
+        if m == 1 or n < o1 or n == 1:
             prepare, apply, done = [], [(n, rank[0], left, 1)], 1
         else:
             prepare = [(o1, rank[0], left, 1)]
@@ -236,14 +251,22 @@ class TuckerFormat(FactorizedMatrix):
         for r in rank[done:m]:
             left //= r
             apply.append((1, r, left, n))
-        apply.append((n, S, shape.in_features, 1))
-        return Work(
-            prepare,
-            apply,
-            prepare_numel=S * shape.in_features,
-            apply_numel=numel,
-            extra_calls=calls,
-        )
+        if n >= shape.in_modes[0]:
+            apply.append((n, S, shape.in_features, 1))
+            return Work(
+                prepare,
+                apply,
+                prepare_numel=S * shape.in_features,
+                apply_numel=numel,
+                extra_calls=calls,
+            )
+        before, after = n, S  # mode by mode: (i_k, s_k) times (before, s_k, after)
+        for i, r in zip(shape.in_modes, rank[m:]):
+            after //= r
+            apply.append((i, r, after, before))
+            numel += before * i * after
+            before *= i
+        return Work(prepare, apply, apply_numel=numel, extra_calls=calls)
 
     def _init_factors(self, std: float) -> None:
         sigma = balanced_std(std, math.prod(self.rank), 1 + len(self.factors))
