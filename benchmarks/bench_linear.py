@@ -276,6 +276,7 @@ class Row:
     tl: dict[str, Timing] = field(default_factory=dict)
     plan_flops: int = 0  # of the chosen plan: forward, or forward + backward for fwd+bwd
     plan_fwd_flops: int = 0
+    floor_flops: int = 0  # the cheapest strategy's (forward, + backward for fwd+bwd)
     mem_ratio: float | None = None
     peak_ratio: float | None = None  # CUDA only: allocator peak of one step, ours / nn.Linear
 
@@ -286,6 +287,22 @@ class Row:
     @property
     def dense_fwd_flops(self) -> int:
         return 2 * (self.batch or 0) * self.shape[0] * self.shape[1]
+
+    @property
+    def floor_s(self) -> float | None:
+        """The FLOP floor: the cheapest strategy's FLOPs at nn.Linear's measured FLOP rate
+        for the same batch and mode."""
+        if self.linear is None or not self.linear.ok or not self.floor_flops:
+            return None
+        dense = self.dense_fwd_flops * (3 if self.train else 1)
+        return self.floor_flops * self.linear.seconds / dense
+
+    @property
+    def vs_floor(self) -> float | None:
+        floor = self.floor_s
+        if self.auto is None or not self.auto.ok or floor is None:
+            return None
+        return self.auto.seconds / floor
 
     @property
     def best_fixed(self) -> tuple[str, Timing] | None:
@@ -367,6 +384,9 @@ def measure_point(
     row.chosen = plan.chosen
     row.plan_fwd_flops = cost.forward_flops
     row.plan_flops = cost.forward_flops + (cost.backward_flops if row.train else 0)
+    row.floor_flops = min(
+        c.forward_flops + (c.backward_flops if row.train else 0) for c in plan.costs.values()
+    )
     if row.train and row.batch == 512:
         row.mem_ratio = saved_bytes(ours["auto"], x) / saved_bytes(linear, x)
         if cfg.device.type == "cuda":
@@ -544,6 +564,8 @@ def main_table(rows: list[Row]) -> list[str]:
         "plan MFLOP",
         "GFLOP/s",
         "lin GFLOP/s",
+        "floor us",
+        "auto/floor",
         "mem auto/lin",
         "peak auto/lin",
     ]
@@ -578,6 +600,8 @@ def main_table(rows: list[Row]) -> list[str]:
             f"{r.plan_flops / 1e6:.3g}",
             f"{r.plan_flops / r.auto.seconds / 1e9:.1f}" if r.auto.ok else "-",
             f"{dense / r.linear.seconds / 1e9:.1f}" if r.linear.ok else "-",
+            f"{r.floor_s * 1e6:,.1f}" if r.floor_s is not None else "-",
+            fmt_x(r.vs_floor),
             fmt_x(r.mem_ratio),
             fmt_x(r.peak_ratio),
         ]
@@ -696,9 +720,44 @@ def summary(rows: list[Row], compile_rows: list[CompileRow] | None) -> list[str]
         checks.append(
             verdict("6b. fwd+bwd b512 CUDA step peak auto/nn.Linear <= 1.25", peaks, 1.25)
         )
+    checks += speed_targets(rows)
     counts = [sum(ok is value for _, ok in checks) for value in (True, False, None)]
     head = "Checks: {} met, {} not met, {} not applicable".format(*counts)
     return [head, ""] + [f"- {text}" for text, _ in checks]
+
+
+def geomean_check(
+    title: str, values: list[tuple[float, str]], limit: float
+) -> tuple[str, bool | None]:
+    """``title``: met when the geometric mean of ``values`` is within ``limit``."""
+    if not values:
+        return f"{title}: n/a (no grid point applies)", None
+    gmean = math.exp(statistics.fmean(math.log(v) for v, _ in values))
+    met = gmean <= limit
+    state = "**met**" if met else "**not met**"
+    worst = max(values)
+    return (
+        f"{title}: {state} ({gmean:.2f} over {len(values)} points; worst {worst[0]:.2f} at "
+        f"{worst[1]})",
+        met,
+    )
+
+
+def speed_targets(rows: list[Row]) -> list[tuple[str, bool | None]]:
+    """The speed issue's targets: ours / floor per format, ours / tltorch on 1024x1024 at
+    ratio 0.1."""
+    checks = []
+    for fmt in dict.fromkeys(r.fmt for r in rows):
+        values = collect(rows, lambda r: r.vs_floor, lambda r, f=fmt: r.fmt == f)
+        checks.append(geomean_check(f"7. {fmt}: geomean auto/floor <= 2", values, 2.0))
+
+    def grid_10(r: Row) -> bool:
+        return r.shape == (1024, 1024) and r.ratio == 0.1
+
+    vs_tl = collect(rows, lambda r: r.vs_tl, grid_10)
+    checks.append(verdict("8a. 1024x1024 r0.1: ours <= 0.5x tltorch (each point)", vs_tl, 0.5))
+    checks.append(geomean_check("8b. 1024x1024 r0.1: geomean ours/tltorch <= 0.3", vs_tl, 0.3))
+    return checks
 
 
 def gemm_rate(device: torch.device, n: int = 1024) -> float:
@@ -736,6 +795,9 @@ plan picks; `best fixed` is the fastest of our fixed strategies; `tltorch best` 
 tltorch's `factorized` and `reconstructed`. Ratios are auto's time over the other's (< 1: ours
 is faster). `plan MFLOP` is the chosen plan's forward FLOPs (forward + backward for `fwd+bwd`),
 `GFLOP/s` those FLOPs over auto's time, `lin GFLOP/s` nn.Linear's dense FLOPs over its time.
+`floor us` is the FLOP floor: the cheapest of our strategies' planned FLOPs (forward +
+backward for `fwd+bwd`) at nn.Linear's measured FLOP rate for the same batch and mode;
+`auto/floor` auto's time over it (1: as fast per FLOP as nn.Linear).
 `mem auto/lin` is, at batch 512 fwd+bwd, the bytes of the tensors saved for backward plus the
 output, ours over nn.Linear; `peak auto/lin` (CUDA only) is the allocator's peak during one such
 step above what it held before the step (parameters and input), ours over nn.Linear.
