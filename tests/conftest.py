@@ -1,6 +1,10 @@
-"""Shared test settings: float64 oracles, a fixed seed per test."""
+"""Shared test settings: float64 oracles, a fixed seed per test, the planner's fallback
+machine constants (no measurement: plans are the same on every machine)."""
 
 import importlib.util
+import os
+
+os.environ["TENSORIZED_CALIBRATE"] = "0"  # before tensorized is imported anywhere
 
 import pytest
 import torch

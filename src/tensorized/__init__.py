@@ -11,6 +11,7 @@ from ._config import TensorizeConfig
 from ._distill import DistillReport, distill_
 from ._embedding import EmbeddingView, FactorizedEmbedding
 from ._linear import FactorizedLinear
+from ._machine import Machine, calibrate_planner, planner_machine, set_planner_machine
 from ._plan import Plan, StrategyCost, make_plan, plan_cache_info
 from ._ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
 from ._report import LayerReport, TensorizeReport
@@ -29,6 +30,7 @@ __all__ = [
     "FactorizedMatrix",
     "LayerReport",
     "LinearView",
+    "Machine",
     "Plan",
     "RankBudgetWarning",
     "StrategyCost",
@@ -36,6 +38,7 @@ __all__ = [
     "TensorizeReport",
     "allocate_ranks",
     "calibrate",
+    "calibrate_planner",
     "distill_",
     "get_format",
     "load_config",
@@ -43,11 +46,13 @@ __all__ = [
     "make_plan",
     "param_count",
     "plan_cache_info",
+    "planner_machine",
     "rank_caps",
     "record_inputs",
     "register_format",
     "resolve_rank",
     "save_model",
+    "set_planner_machine",
     "tensorize_",
     "tensorize_shape",
 ]

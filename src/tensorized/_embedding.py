@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._index import normalize_index
+from ._machine import on_change
 from ._plan import estimate, work
 from ._ranks import ConcreteRank, RankSpec
 from ._shapes import Modes, factorize, tensorize_rows, validate_modes
@@ -680,3 +681,6 @@ def _plan(
     t_rows = estimate(rows, dtype, device_type, training)[3]
     t_rebuild = estimate(rebuild, dtype, device_type, training)[3]
     return ("rows" if t_rows <= t_rebuild else "reconstructed"), chunk
+
+
+on_change(_plan.cache_clear)  # lookups planned with other machine constants

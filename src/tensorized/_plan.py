@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from .formats import FactorizedMatrix, get_format
+from ._machine import FALLBACK_MACHINES, on_change, planner_machine
 from .formats._strategy import Gemm, WeightShape, Work
 
 __all__ = [
@@ -50,20 +51,8 @@ def _shape_of(weight: FactorizedMatrix | WeightShape) -> WeightShape:
     return weight if isinstance(weight, WeightShape) else weight.signature
 
 
-@dataclass(frozen=True)
-class Machine:
-    """A crude machine model: GEMM rate, memory bandwidth and per-call overhead."""
-
-    flops_per_s: float
-    bytes_per_s: float
-    call_overhead_s: float
-    elementwise_bytes_per_s: float  # broadcast element-wise kernels (and their backward)
-
-
-MACHINES: dict[str, Machine] = {
-    "cpu": Machine(120e9, 20e9, 15e-6, elementwise_bytes_per_s=6e9),
-    "cuda": Machine(40e12, 1.5e12, 8e-6, elementwise_bytes_per_s=1e12),
-}
+#: The fallback machine constants (see :mod:`tensorized._machine`).
+MACHINES = FALLBACK_MACHINES
 
 
 @dataclass(frozen=True)
@@ -181,8 +170,8 @@ def estimate(
     pays_prepare = training or not cached
     products = w.prepare + w.apply if pays_prepare else w.apply
     itemsize = torch.empty((), dtype=dtype).element_size()
-    machine = MACHINES.get(device_type, MACHINES["cpu"])
-    rate = machine.flops_per_s / (2 if dtype == torch.float64 else 1)
+    machine = planner_machine(device_type, dtype)
+    rate = machine.flops_per_s
     flops = moved = 0
     seconds = (len(products) + w.extra_calls) * machine.call_overhead_s
     for m, k, n, c in products:
@@ -296,6 +285,13 @@ class PlanCacheInfo(NamedTuple):
     misses: int
     maxsize: int
     currsize: int
+
+
+def _drop_plans() -> None:
+    _plans.clear()
+
+
+on_change(_drop_plans)  # plans made with other machine constants would be stale
 
 
 def plan_cache_info() -> PlanCacheInfo:
