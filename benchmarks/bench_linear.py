@@ -767,6 +767,13 @@ def gemm_rate(device: torch.device, n: int = 1024) -> float:
     return 2 * n**3 / t.seconds / 1e9
 
 
+def planner_source() -> str:
+    """Where the planner's constants come from in this run."""
+    if os.environ.get("TENSORIZED_CALIBRATE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "fallback, TENSORIZED_CALIBRATE=0"
+    return "measured on this machine at the first plan, cached"
+
+
 def machine_lines(device: torch.device) -> list[str]:
     cpu = platform.processor() or "unknown"
     try:
@@ -782,6 +789,7 @@ def machine_lines(device: torch.device) -> list[str]:
         f"- torch {torch.__version__}, tltorch {tl}, {torch.get_num_threads()} thread(s), "
         f"python {platform.python_version()}",
         f"- reference GEMM rate (float32 1024x1024 @ 1024x1024): {gemm_rate(device):.1f} GFLOP/s",
+        f"- planner constants (float32; {planner_source()}): {tz.planner_machine(device.type)}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- command: `{command}`",
     ]

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -181,7 +182,7 @@ def measure_machine(device: torch.device, dtype: torch.dtype) -> Machine:
       times ``(m, R)``, over more elements than the caches hold, bytes written over time.
     """
     gpu = device.type == "cuda"
-    kw = {"device": device, "dtype": dtype}
+    kw: dict[str, Any] = {"device": device, "dtype": dtype}
     n = 4096 if gpu else 512
     a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
     flops = 2 * n**3 / _best_time(lambda: a @ b, device)

@@ -22,6 +22,25 @@ def khatri_rao(factors: Sequence[Tensor]) -> Tensor:
     return out.reshape(-1, rank)
 
 
+def khatri_rao_grad(factors: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
+    """Gradients of the ``factors`` from ``grad`` ``(prod n_k, R)``, the gradient of their
+    :func:`khatri_rao` product: each factor's is ``grad`` times the product of the others,
+    summed over their modes (one broadcast product and reduction per factor, never more
+    than ``grad``'s size at once)."""
+    sizes, rank = [f.shape[0] for f in factors], grad.shape[-1]
+    g = grad.reshape(*sizes, rank)
+    grads = []
+    for k in range(len(factors)):
+        t = g
+        for j, f in enumerate(factors):
+            if j != k:  # multiply the other factors in and sum their modes away
+                view = [1] * len(sizes) + [rank]
+                view[j] = sizes[j]
+                t = (t * f.reshape(view)).sum(j, keepdim=True)
+        grads.append(t.reshape(sizes[k], rank))
+    return grads
+
+
 def mode_dot(tensor: Tensor, matrix: Tensor, axis: int) -> Tensor:
     """Multiply mode ``axis`` of ``tensor`` (size n) by ``matrix`` of shape ``(m, n)``.
 
@@ -115,8 +134,9 @@ def frobenius_error(reference: Tensor, approximation: Tensor) -> float:
 
 
 def sliced_matmul(h: Tensor, slices: Tensor, index: Tensor) -> Tensor:
-    """``out[b] = h[b] @ slices[index[b]]``: ``h (n, a, r)``, ``slices (o, r, c)``, ``index
-    (n,)`` -> ``(n, a, c)``; the per-row core products of a tensor-train lookup.
+    """``out[b] = h[b] @ slices[index[b]]``: ``h (n, a, r)``, ``slices (o, r, c)`` (or ``(o,
+    r, *dims)`` with ``prod(dims) = c``), ``index (n,)`` -> ``(n, a, c)``; the per-row core
+    products of a tensor-train lookup.
 
     With more rows than slices, the rows are sorted by slice and each slice multiplies its
     whole group in one GEMM: nothing of size ``n x r x c`` is copied, the grouped products
@@ -125,15 +145,17 @@ def sliced_matmul(h: Tensor, slices: Tensor, index: Tensor) -> Tensor:
     slices are gathered and one ``bmm`` runs.
     """
     (n, a, r), o = h.shape, slices.shape[0]
-    grouped = _grouped(n, a, r, slices.shape[-1], o)
+    c = math.prod(slices.shape[2:])
+    grouped = _grouped(n, a, r, c, o)
     if not grouped or h.is_meta or torch.compiler.is_compiling():
-        return torch.bmm(h, slices.index_select(0, index))
+        return torch.bmm(h, slices.index_select(0, index).reshape(n, r, c))
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=o).tolist()
     groups = h.index_select(0, order).split(counts)
     # unbind: one backward for all slices (indexing each would allocate and sum o zero-filled
     # gradients of the whole slices tensor)
-    done = torch.cat([g @ s for s, g in zip(slices.unbind(0), groups) if len(g)])
+    # (a slice that is not a view of (r, c) is copied here, one at a time: never all at once)
+    done = torch.cat([g @ s.reshape(r, c) for s, g in zip(slices.unbind(0), groups) if len(g)])
     # Back to the rows' order by a gather (index_copy into a fresh tensor is twice as slow).
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
@@ -175,9 +197,10 @@ def prefix_chain(
         h = first.index_select(0, states)
     else:
         h = first.index_select(0, key)
-    for s, d, shared in zip(slices[1:], digits[1:], merge[1:]):
-        o, r, i, r2 = s.shape
-        mats = s.reshape(o, r, i * r2)
+    # sliced_matmul flattens each slice's (i, r2) where it uses it: a slice that is not a
+    # view of (r, i * r2) (the flipped cores) is copied then, never the whole core at once
+    for mats, d, shared in zip(slices[1:], digits[1:], merge[1:]):
+        o, r2 = mats.shape[0], mats.shape[-1]
         if shared:
             key = key * o + d
             distinct, inverse = torch.unique(key, return_inverse=True)

@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from .formats import FactorizedMatrix, get_format
 from ._machine import FALLBACK_MACHINES, on_change, planner_machine
+from .formats import FactorizedMatrix, get_format
 from .formats._strategy import Gemm, WeightShape, Work
 
 __all__ = [
@@ -158,7 +158,8 @@ def strategy_cost(
     weight = _shape_of(weight)
     w = work(weight, strategy, batch)
     flops, moved, calls, seconds = estimate(w, dtype, device_type, training, cached)
-    return StrategyCost(strategy, flops, 2 * flops, moved, calls, seconds)
+    again = sum(2 * m * k * n * c for m, k, n, c in w.recomputed) if training else 0
+    return StrategyCost(strategy, flops, 2 * flops + again, moved, calls, seconds)
 
 
 def estimate(
@@ -169,18 +170,23 @@ def estimate(
     inference)."""
     pays_prepare = training or not cached
     products = w.prepare + w.apply if pays_prepare else w.apply
+
     itemsize = torch.empty((), dtype=dtype).element_size()
     machine = planner_machine(device_type, dtype)
     rate = machine.flops_per_s
     flops = moved = 0
     seconds = (len(products) + w.extra_calls) * machine.call_overhead_s
-    for m, k, n, c in products:
+    # Products recomputed in backward weigh a third of a product here: each product's time
+    # stands for its forward and backward together.
+    weighed = [(p, 1.0) for p in products] + [(p, 1 / 3) for p in w.recomputed if training]
+    for (m, k, n, c), weight in weighed:
         # Roofline per product: bound by arithmetic or by its operands' traffic. With c > 1
         # the (m, k) operand is one matrix broadcast over the batch, read once.
         product_flops = 2 * m * k * n * c
         product_bytes = (m * k + (k * n + m * n) * c) * itemsize
-        flops, moved = flops + product_flops, moved + product_bytes
-        seconds += max(product_flops / rate, product_bytes / machine.bytes_per_s)
+        seconds += weight * max(product_flops / rate, product_bytes / machine.bytes_per_s)
+        if weight == 1.0:
+            flops, moved = flops + product_flops, moved + product_bytes
     # Element-wise work is backed by reductions over its broadcast dims in backward, which
     # costs about twice its forward again.
     elementwise = w.apply_numel * (3 if training else 1)

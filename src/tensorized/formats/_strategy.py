@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
@@ -75,6 +77,8 @@ class Work:
             reduces over the broadcast dims: about twice again).
         copied_numel: elements copied between the products of ``apply``.
         extra_calls: element-wise kernel calls in ``apply`` beyond the products.
+        recomputed: products run once more in backward, in training (intermediates
+            recomputed there rather than kept for it).
     """
 
     prepare: list[Gemm]
@@ -83,6 +87,7 @@ class Work:
     apply_numel: int = 0
     copied_numel: int = 0
     extra_calls: int = 0
+    recomputed: list[Gemm] = field(default_factory=list)
 
 
 Prepare = Callable[[Any, Any], tuple[Tensor, ...]]
@@ -139,15 +144,73 @@ def reconstructed(reconstruction: Callable[[WeightShape], tuple[list[Gemm], int]
     def work(shape: WeightShape, batch: int) -> Work:
         products, numel = reconstruction(shape)
         apply = [(batch, shape.in_features, shape.out_features, 1)]
-        return Work(products, apply, prepare_numel=numel + shape.out_features * shape.in_features)
+        return Work(
+            products,
+            apply,
+            prepare_numel=numel + shape.out_features * shape.in_features,
+            recomputed=list(products),  # _RebuiltWeight rebuilds W in backward
+        )
 
     return Strategy(
         "reconstructed",
-        lambda w, layer: (w._to_matrix(layer),),
+        _prepare_rebuilt,
         lambda w, x, ops, bias: F.linear(x, ops[0], bias),
         work,
         "rebuild W from the factors, then one GEMM",
     )
+
+
+def _prepare_rebuilt(w: Any, layer: int | None) -> tuple[Tensor]:
+    params = tuple(w.parameters())
+    if (
+        torch.is_grad_enabled()
+        and any(p.requires_grad for p in params)
+        and not (torch.compiler.is_compiling() or torch._C._is_tracing())
+    ):
+        return (_RebuiltWeight.apply(w, layer, *params),)
+    return (w._to_matrix(layer),)
+
+
+class _RebuiltWeight(torch.autograd.Function):
+    """``W = weight._to_matrix(layer)`` in training without keeping the reconstruction's
+    intermediates (partial products of the factors, often as large as ``W`` again): backward
+    rebuilds ``W`` from the parameters and runs the reconstruction's backward. What stays
+    saved is ``W`` itself, which the GEMM keeps as ``nn.Linear`` keeps its weight."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Any, layer: int | None, *params: Tensor) -> Tensor:
+        ctx.weight, ctx.layer = weight, layer
+        ctx.save_for_backward(*params)  # nothing copied: in-place changes are still caught
+        with torch.no_grad():
+            return weight._to_matrix(layer)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        params = ctx.saved_tensors
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:]) if need]
+        with torch.enable_grad():
+            rebuilt = _rebuild_from(ctx.weight, ctx.layer, params)
+        found = iter(torch.autograd.grad(rebuilt, wanted, grad, allow_unused=True))
+        grads = [next(found) if need else None for need in ctx.needs_input_grad[2:]]
+        return (None, None, *grads)
+
+
+def _rebuild_from(weight: Any, layer: int | None, params: tuple[Tensor, ...]) -> Tensor:
+    """``weight._to_matrix(layer)`` from ``params``, the tensors the forward read (under
+    ``torch.func.functional_call`` they are not the module's own by the time backward runs):
+    each is put in its parameter's slot for the rebuild, then the slot is restored."""
+    slots = []
+    for (name, _), p in zip(weight.named_parameters(), params):
+        owner_name, _, attr = name.rpartition(".")
+        owner = weight.get_submodule(owner_name) if owner_name else weight
+        slots.append((owner, attr, owner._parameters[attr]))
+        owner._parameters[attr] = p
+    try:
+        return weight._to_matrix(layer)
+    finally:
+        for owner, attr, old in slots:
+            owner._parameters[attr] = old
 
 
 def two_gemms(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:

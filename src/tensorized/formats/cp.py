@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .. import decompose
-from .._ops import khatri_rao
+from .._ops import khatri_rao, khatri_rao_grad
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
@@ -60,14 +61,70 @@ def _scaled(w: CPFormat, layer: int | None) -> tuple[list[Tensor], list[Tensor]]
 
 
 def _prepare_factorized(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
-    # The Khatri-Rao products of the in- and out-factors: (in, R) and (out, R).
+    # The Khatri-Rao products of the in- and out-factors: (in, R) and (out, R). In training
+    # the factors themselves: _KhatriRaoGemms builds the products and rebuilds them in
+    # backward rather than keeping them (they outgrow the dense weight once R > in * out /
+    # (in + out)).
     outs, ins = _scaled(w, layer)
+    if (
+        torch.is_grad_enabled()
+        and any(f.requires_grad for f in (*outs, *ins))
+        and not (torch.compiler.is_compiling() or torch._C._is_tracing())
+    ):  # eager training (traced graphs keep the products: dynamo splits at the Function)
+        return (*ins, *outs)
     return khatri_rao(ins), khatri_rao(outs)
+
+
+def _apply_factorized(
+    w: CPFormat, x: Tensor, ops: tuple[Tensor, ...], bias: Tensor | None
+) -> Tensor:
+    if len(ops) == 2:  # the Khatri-Rao products (inference, or kept by merge())
+        return apply_two_gemms(w, x, ops, bias)
+    y = _KhatriRaoGemms.apply(x, w._n_in, *ops)
+    return y if bias is None else y + bias.to(y.dtype)  # bf16 under autocast, as F.linear
+
+
+class _KhatriRaoGemms(torch.autograd.Function):
+    """``(x @ KR(ins)) @ KR(outs).T`` keeping for backward only ``x``, the factors and, when
+    it is no larger than the dense weight, ``h = x @ KR(ins)`` ``(batch, R)`` (else ``h``
+    is recomputed, one more GEMM): the ``(features, R)`` Khatri-Rao products are rebuilt
+    there (element-wise work of their size, against the batch-times-larger GEMMs)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, n_in: int, *factors: Tensor) -> Tensor:
+        ins, outs = factors[:n_in], factors[n_in:]
+        k_in, k_out = khatri_rao(ins), khatri_rao(outs)
+        h = x @ k_in
+        ctx.n_in, ctx.keep_h = n_in, h.numel() <= k_in.shape[0] * k_out.shape[0]
+        ctx.save_for_backward(x, h if ctx.keep_h else None, *factors)
+        return h @ k_out.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, h, *factors = ctx.saved_tensors
+        ins, outs = factors[: ctx.n_in], factors[ctx.n_in :]
+        dt = grad.dtype  # under autocast the forward ran in a lower precision than the factors
+        k_in, k_out = khatri_rao(ins).to(dt), khatri_rao(outs).to(dt)
+        if h is None:
+            h = x.to(dt) @ k_in
+        grad_h = grad @ k_out  # (batch, R)
+        grad_x = (grad_h @ k_in.T).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grads = khatri_rao_grad(ins, (x.to(dt).T @ grad_h).to(ins[0].dtype))
+        grads += khatri_rao_grad(outs, (grad.T @ h.to(dt)).to(outs[0].dtype))
+        return (grad_x, None, *grads)
 
 
 def _work_factorized(s: WeightShape, batch: int) -> Work:
     R = s.rank
-    return Work([], two_gemm_work(batch, s, R), prepare_numel=(s.in_features + s.out_features) * R)
+    # in training, h = x @ KR(ins) is recomputed in backward when larger than the weight
+    again = [(batch, s.in_features, R, 1)] if batch * R > s.in_features * s.out_features else []
+    return Work(
+        [],
+        two_gemm_work(batch, s, R),
+        prepare_numel=(s.in_features + s.out_features) * R,
+        recomputed=again,
+    )
 
 
 def _prepare_sequential(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
@@ -129,7 +186,7 @@ class CPFormat(FactorizedMatrix):
         Strategy(
             "factorized",
             _prepare_factorized,
-            apply_two_gemms,
+            _apply_factorized,
             _work_factorized,
             "x through the Khatri-Rao products of the in and out factors (two GEMMs)",
         ),
