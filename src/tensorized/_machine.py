@@ -16,6 +16,7 @@ Automatic measurement is turned off by the environment variable ``TENSORIZED_CAL
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -252,6 +253,7 @@ def _device_key(device_type: str, dtype: torch.dtype, index: int | None = None) 
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
