@@ -161,13 +161,10 @@ def reconstructed(reconstruction: Callable[[WeightShape], tuple[list[Gemm], int]
 
 
 def _prepare_rebuilt(w: Any, layer: int | None) -> tuple[Tensor]:
-    params = tuple(w.parameters())
-    if (
-        torch.is_grad_enabled()
-        and any(p.requires_grad for p in params)
-        and not (torch.compiler.is_compiling() or torch._C._is_tracing())
-    ):
-        return (_RebuiltWeight.apply(w, layer, *params),)
+    if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch._C._is_tracing()):
+        params = tuple(w.parameters())  # (inference skips this walk over the module)
+        if any(p.requires_grad for p in params):
+            return (_RebuiltWeight.apply(w, layer, *params),)
     return (w._to_matrix(layer),)
 
 
