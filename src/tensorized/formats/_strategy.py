@@ -144,28 +144,59 @@ def reconstructed(reconstruction: Callable[[WeightShape], tuple[list[Gemm], int]
     def work(shape: WeightShape, batch: int) -> Work:
         products, numel = reconstruction(shape)
         apply = [(batch, shape.in_features, shape.out_features, 1)]
+        rebuilt = rebuilds_in_backward(shape.in_features, shape.out_features, batch)
         return Work(
             products,
             apply,
             prepare_numel=numel + shape.out_features * shape.in_features,
-            recomputed=list(products),  # _RebuiltWeight rebuilds W in backward
+            recomputed=list(products) if rebuilt else [],  # _RebuiltWeight, in training
         )
 
     return Strategy(
         "reconstructed",
         _prepare_rebuilt,
-        lambda w, x, ops, bias: F.linear(x, ops[0], bias),
+        _apply_rebuilt,
         work,
         "rebuild W from the factors, then one GEMM",
     )
 
 
-def _prepare_rebuilt(w: Any, layer: int | None) -> tuple[Tensor]:
+def rebuilds_in_backward(in_features: int, out_features: int, batch: int) -> bool:
+    """Whether a training step at ``batch`` rows rebuilds ``W`` in backward rather than
+    keeping the reconstruction's intermediates: where the activations reach a quarter of
+    ``W``'s size, so that the intermediates (about ``W``'s size) weigh in the saved memory.
+    At smaller batches the rebuild would cost most of the step's time (it doubled the
+    reconstruction's share at batch 32) for memory that the batch does not need."""
+    return 4 * batch * (in_features + out_features) >= in_features * out_features
+
+
+class _Deferred:
+    """``prepare``'s operand in eager training: ``apply`` makes ``W`` knowing the batch."""
+
+    __slots__ = ("layer", "weight")
+
+    def __init__(self, weight: Any, layer: int | None) -> None:
+        self.weight, self.layer = weight, layer
+
+    def matrix(self, rows: int) -> Tensor:
+        w = self.weight
+        params = tuple(w.parameters())
+        if rebuilds_in_backward(w.in_features, w.out_features, rows) and any(
+            p.requires_grad for p in params
+        ):
+            return _RebuiltWeight.apply(w, self.layer, *params)
+        return w._to_matrix(self.layer)
+
+
+def _prepare_rebuilt(w: Any, layer: int | None) -> tuple[Any]:
     if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch._C._is_tracing()):
-        params = tuple(w.parameters())  # (inference skips this walk over the module)
-        if any(p.requires_grad for p in params):
-            return (_RebuiltWeight.apply(w, layer, *params),)
+        return (_Deferred(w, layer),)
     return (w._to_matrix(layer),)
+
+
+def _apply_rebuilt(w: Any, x: Tensor, ops: tuple[Any, ...], bias: Tensor | None) -> Tensor:
+    W = ops[0].matrix(x.shape[0]) if isinstance(ops[0], _Deferred) else ops[0]
+    return F.linear(x, W, bias)
 
 
 class _RebuiltWeight(torch.autograd.Function):
