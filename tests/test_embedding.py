@@ -246,6 +246,21 @@ def test_dtype_and_device_moves():
     assert emb(x.int()).shape == (4, 12)
 
 
+@pytest.mark.parametrize("cls", ["embedding", "linear"])
+def test_conversions_that_replace_parameters_rebind_them(cls, monkeypatch):
+    # With overwrite_module_params_on_conversion, .to() makes new parameter objects: forward
+    # must read the new ones (their dtype here), not those bound at construction.
+    layer = _table("tt", 60).float() if cls == "embedding" else tz.FactorizedLinear(12, 12, rank=2)
+    monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion", lambda: True)
+    old = list(layer.parameters())
+    layer.double()
+    assert all(a is not b for a, b in zip(old, layer.parameters()))  # really replaced
+    if cls == "embedding":  # an empty lookup is made from the parameters' dtype
+        assert layer(torch.zeros(0, dtype=torch.int64)).dtype == torch.float64
+    else:  # a float32-bound layer refuses float64 input
+        assert layer(torch.randn(3, 12, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_signature_matches_tltorch():
     tltorch = pytest.importorskip("tltorch")
     for ours, theirs in [

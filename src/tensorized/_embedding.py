@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._bound import BoundWeight
 from ._index import normalize_index
 from ._machine import on_change
 from ._plan import estimate, work
@@ -38,7 +39,7 @@ CHUNK_NUMEL = 1 << 24
 _FEW = 16
 
 
-class FactorizedEmbedding(nn.Module):
+class FactorizedEmbedding(BoundWeight):
     """An embedding table stored as a factorized tensor; a drop-in for ``nn.Embedding`` and
     ``tltorch.FactorizedEmbedding``.
 
@@ -165,23 +166,7 @@ class FactorizedEmbedding(nn.Module):
         self.padding_idx = _check_padding_idx(padding_idx, num_embeddings)
         self.implementation = implementation
         self._std = 1.0
-        self._bind_parameters()
-        self.register_load_state_dict_post_hook(_after_load)
-
-    def _bind_parameters(self) -> None:
-        # A plain tuple (not registered): forward reads the weight module and its parameters
-        # without module attribute lookups or parameter generators (as FactorizedLinear).
-        weight = cast(FactorizedMatrix, self._modules["weight"])
-        self._bound = (weight, tuple(weight.parameters()))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "weight" and "_bound" in self.__dict__:
-            if not isinstance(value, FactorizedMatrix):
-                raise TypeError(
-                    f"weight must be a tensorized.FactorizedMatrix, got {type(value).__name__}"
-                )
-            self._bind_parameters()
+        self._bind_weight()
 
     # ------------------------------------------------------------------ attributes
 
@@ -642,12 +627,6 @@ def _check_padding_idx(padding_idx: object, num_embeddings: int) -> int | None:
             f"padding_idx={padding_idx} is out of range for num_embeddings={num_embeddings}"
         )
     return padding_idx % num_embeddings  # negative counts from the end, as in nn.Embedding
-
-
-def _after_load(module: nn.Module, incompatible: Any) -> None:
-    """After ``load_state_dict`` (``assign=True`` replaces the parameter objects)."""
-    if isinstance(module, FactorizedEmbedding):
-        module._bind_parameters()
 
 
 def _work_numel(w: Work) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,6 @@ class FactorizedLinear(Merging):
 
     weight: FactorizedMatrix
     bias: nn.Parameter | None
-    _bound: tuple[FactorizedMatrix, tuple[nn.Parameter, ...]]
 
     def __init__(
         self,
@@ -186,27 +185,17 @@ class FactorizedLinear(Merging):
         self.checkpointing = bool(checkpointing)
         self._merged = None
         self._signature_id = signature_id(weight.signature_key)
-        self._bind_parameters()
-        self.register_load_state_dict_post_hook(_after_load)
+        self._bind_weight()
 
-    def _bind_parameters(self) -> None:
-        # A plain tuple (not registered): forward reads the weight module, dtypes and
-        # requires_grad flags from it without module attribute lookups. Rebound whenever they
-        # may be replaced (to(), to_empty(), load_state_dict(assign=True), layer.weight = ...).
-        weight = cast(FactorizedMatrix, self._modules["weight"])
-        self._bound = (weight, tuple(weight.parameters()))
+    def _weight_replaced(self, weight: FactorizedMatrix) -> None:
+        self._signature_id = signature_id(weight.signature_key)
+        self.implementation = "auto" if self._fixed is None else self._fixed.name
+        self._merged = None
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "weight" and "_bound" in self.__dict__:
-            if not isinstance(value, FactorizedMatrix):
-                raise TypeError(
-                    f"weight must be a tensorized.FactorizedMatrix, got {type(value).__name__}"
-                )
-            self._bind_parameters()
-            self._signature_id = signature_id(value.signature_key)
-            self.implementation = "auto" if self._fixed is None else self._fixed.name
-            self._merged = None
+    def _loaded(self) -> None:
+        # kept operands were computed from the old values
+        super()._loaded()
+        self.unmerge()
 
     # ------------------------------------------------------------------ attributes
 
@@ -622,11 +611,3 @@ def _check_implementation(factorization: str | type[FactorizedMatrix], implement
             f"implementation must be one of {valid} for factorization={fmt.name!r}, got "
             f"{implementation!r}"
         )
-
-
-def _after_load(module: nn.Module, incompatible: Any) -> None:
-    """After ``load_state_dict`` (``assign=True`` replaces the parameter objects): rebind
-    them and drop kept operands, which were computed from the old values."""
-    if isinstance(module, FactorizedLinear):
-        module._bind_parameters()
-        module.unmerge()

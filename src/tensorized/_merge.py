@@ -13,8 +13,9 @@ import contextlib
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._bound import BoundWeight
 from ._plan import any_batch_strategy
 from .formats import Strategy
 
@@ -39,23 +40,20 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class Merging(nn.Module):
+class Merging(BoundWeight):
     """The ``merge`` / ``unmerge`` half of :class:`~tensorized.FactorizedLinear` (a mixin:
-    it needs the layer's ``weight``, ``implementation`` and bound parameters)."""
+    it needs the layer's ``weight`` and ``implementation``)."""
 
     _merged: _Merged | None
 
     if TYPE_CHECKING:  # provided by FactorizedLinear
         weight: FactorizedMatrix
-        _bound: tuple[Any, tuple[nn.Parameter, ...]]
 
         @property
         def implementation(self) -> str: ...
 
         @property
         def n_layers(self) -> int: ...
-
-        def _bind_parameters(self) -> None: ...
 
     # ------------------------------------------------------------------ explicit caching
 
@@ -139,8 +137,7 @@ class Merging(nn.Module):
         # from them (they are derived tensors, not state).
         merged = self._merged
         self._merged = None
-        super()._apply(fn, recurse)
-        self._bind_parameters()
+        super()._apply(fn, recurse)  # BoundWeight rebinds the parameters
         if merged is not None and not any(p.is_meta for p in self._bound[1]):
             self.merge(merged.strategy.name)
         return self
