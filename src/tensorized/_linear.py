@@ -15,6 +15,7 @@ from . import _convert as convert
 from . import _interop as interop
 from ._index import normalize_index
 from ._merge import Merging
+from ._ops import capturing
 from ._plan import (
     Plan,
     _plans,
@@ -397,7 +398,7 @@ class FactorizedLinear(Merging):
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         merged = self._merged
         strategy: Strategy | None
-        if torch.compiler.is_compiling() or torch._C._is_tracing():
+        if capturing():
             # A graph is being captured (torch.compile / torch.export, or the TorchScript
             # tracer of the legacy ONNX exporter). Planned while tracing (not traced): the
             # choice is a constant of the graph, made for every batch size (a graph may serve

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ._ops import capturing
+
 __all__ = [
     "FALLBACK_MACHINES",
     "Machine",
@@ -219,7 +221,7 @@ def _best_time(fn: Callable[[], object], device: torch.device, calls: int = 3) -
 
 def _can_measure(device_type: str) -> bool:
     # Never time inside a trace or a CUDA graph capture: the fallback serves until later.
-    if torch.compiler.is_compiling() or torch._C._is_tracing():
+    if capturing():
         return False
     return not (device_type == "cuda" and torch.cuda.is_current_stream_capturing())
 

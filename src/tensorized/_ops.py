@@ -9,6 +9,13 @@ import torch
 from torch import Tensor
 
 
+def capturing() -> bool:
+    """Whether a graph is being captured (``torch.compile`` / ``torch.export``, or the
+    TorchScript tracer of the legacy ONNX exporter): choices that depend on data, custom
+    autograd functions and timing are kept out of graphs."""
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
 def khatri_rao(factors: Sequence[Tensor]) -> Tensor:
     """Column-wise Kronecker product of matrices ``(n_k, R)`` -> ``(prod n_k, R)``.
 

@@ -170,7 +170,6 @@ def estimate(
     inference)."""
     pays_prepare = training or not cached
     products = w.prepare + w.apply if pays_prepare else w.apply
-
     itemsize = torch.empty((), dtype=dtype).element_size()
     machine = planner_machine(device_type, dtype)
     rate = machine.flops_per_s

@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .._ops import capturing
+
 if TYPE_CHECKING:
     from .base import FactorizedMatrix
 
@@ -189,7 +191,7 @@ class _Deferred:
 
 
 def _prepare_rebuilt(w: Any, layer: int | None) -> tuple[Any]:
-    if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch._C._is_tracing()):
+    if torch.is_grad_enabled() and not capturing():
         return (_Deferred(w, layer),)
     return (w._to_matrix(layer),)
 

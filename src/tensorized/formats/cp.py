@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .. import decompose
-from .._ops import khatri_rao, khatri_rao_grad
+from .._ops import capturing, khatri_rao, khatri_rao_grad
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Strategy, WeightShape, Work, apply_two_gemms, reconstructed, two_gemm_work
@@ -67,9 +67,7 @@ def _prepare_factorized(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
     # (in + out)).
     outs, ins = _scaled(w, layer)
     if (
-        torch.is_grad_enabled()
-        and any(f.requires_grad for f in (*outs, *ins))
-        and not (torch.compiler.is_compiling() or torch._C._is_tracing())
+        torch.is_grad_enabled() and any(f.requires_grad for f in (*outs, *ins)) and not capturing()
     ):  # eager training (traced graphs keep the products: dynamo splits at the Function)
         return (*ins, *outs)
     return khatri_rao(ins), khatri_rao(outs)

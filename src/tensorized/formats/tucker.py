@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import decompose
-from .._ops import mode_dot, sliced_matmul, sliced_matmul_work, unfold
+from .._ops import capturing, mode_dot, sliced_matmul, sliced_matmul_work, unfold
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
@@ -87,7 +87,7 @@ def _recompute_projection(w: TuckerFormat, x: Tensor, factors: tuple[Tensor, ...
         _projection_recomputed(w.in_features, w.out_features, x.shape[0])
         and torch.is_grad_enabled()
         and (x.requires_grad or any(f.requires_grad for f in factors))
-        and not (torch.compiler.is_compiling() or torch._C._is_tracing())
+        and not capturing()
     )
 
 
