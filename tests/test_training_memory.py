@@ -84,12 +84,47 @@ def test_reconstructed_keeps_the_matrix_not_its_intermediates():
 
 def test_tucker_projection_is_recomputed_only_for_large_batches():
     layer = _layer("tucker", "factorized")
-    small, _ = _saved(layer, torch.randn(2, 48, dtype=F64, requires_grad=True))
-    large, _ = _saved(layer, torch.randn(200, 48, dtype=F64, requires_grad=True))
-    # the projection's three products save their inputs at batch 2; at 200 only x is kept
-    # of them (and the core's input, the projection's output)
-    assert len(large) < len(small)
-    assert not any(s[0] == 200 * 4 * 6 for s in large)  # (batch * 4 * 6, 2): x's first fold
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+
+    def kept_per_row(batch):  # elements per batch row of what is saved, beyond the parameters
+        x = torch.randn(batch, 48, dtype=F64, requires_grad=True)
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:  # (views of them: the core's)
+                kept[t.untyped_storage().data_ptr()] = t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        assert all(n % batch == 0 for n in kept.values())
+        return sorted(n // batch for n in kept.values())
+
+    # modes in (4, 6, 2) -> ranks (3, 4, 2), core (2 * 3 * 2) x (3 * 4 * 2), out ranks (2, 3, 2)
+    # -> out modes (3, 5, 2). Each product keeps its input: the projection's (last mode
+    # first) are x (48 per row), 2 * 4 * 6 = 48 and 4 * 2 * 4 = 32; the core's 24; the
+    # expansion's 12, 3 * 2 * 3 = 18 and 2 * 3 * 5 = 30.
+    assert kept_per_row(2) == sorted([48, 48, 32, 24, 12, 18, 30])
+    # at batch 200 (activations above a quarter of W) the projection's 48 and 32 are rebuilt
+    assert kept_per_row(200) == sorted([48, 24, 12, 18, 30])
+
+
+@pytest.mark.parametrize("batch", [2, 200])
+def test_tucker_parameter_gradients_without_an_input_gradient(batch):
+    # The usual first layer: x needs no gradient, so backward stops before forming it.
+    layer = _layer("tucker", "factorized", n_layers=2)
+    x = torch.randn(batch, 48, dtype=F64)
+    params = list(layer.parameters())
+    y = layer(x, 1)
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, params, g, allow_unused=True)
+    oracle = x @ dense_weight(layer.weight, 1).T + layer.bias[1]
+    want = torch.autograd.grad(oracle, params, g, allow_unused=True)
+    for a, b in zip(ours, want):
+        if b is None:  # the bias of the other layer
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_functional_call_rebuilds_from_the_tensors_it_was_given():
