@@ -57,6 +57,35 @@ def test_gradcheck_input_and_parameters(fmt, strategy, n_layers, bias):
     gradcheck_layer(layer, x, n_layers - 1)  # the last layer, so a layer index is exercised
 
 
+@pytest.mark.parametrize(("fmt", "strategy"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("view", ["transposed", "strided"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_non_contiguous_inputs(fmt, strategy, view, mode):
+    # A transposed or sliced activation is a valid input: results and gradients equal the
+    # float64 oracle's on the same values.
+    layer = tz.FactorizedLinear(
+        (2, 3, 2), (3, 2, 2), True, fmt, rank_of(fmt, 2), 2, implementation=strategy, dtype=F64
+    )
+    layer.train(mode == "train")
+    base = torch.randn(12, 5, dtype=F64) if view == "transposed" else torch.randn(5, 24, dtype=F64)
+    x = (base.T if view == "transposed" else base[:, ::2]).requires_grad_(mode == "train")
+    assert not x.is_contiguous()
+    with torch.set_grad_enabled(mode == "train"):
+        y = layer(x, 1)
+    want = dense_forward(layer, x, 1)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    if mode == "train":
+        g = torch.randn_like(y)
+        params = [x, *layer.parameters()]
+        ours = torch.autograd.grad(y, params, g, allow_unused=True)
+        oracle = torch.autograd.grad(want, params, g, allow_unused=True)
+        for a, b in zip(ours, oracle):
+            if b is None:  # the other layer's bias
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_gradcheck_with_checkpointing(n_layers):
     layer = tz.FactorizedLinear(
