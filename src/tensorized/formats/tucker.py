@@ -152,8 +152,8 @@ class _ModeProducts(torch.autograd.Function):
 def _projection_recomputed(in_features: int, out_features: int, batch: int) -> bool:
     # In training with activations of at least a quarter of the weight's size, the in-mode
     # products' intermediates (each about batch * in) are recomputed in backward from x
-    # rather than kept: at 1024 x 1024, 10%, batch 512, saved bytes 1.32x -> 1.07x
-    # nn.Linear's for about 5% more time. Recomputing the out-mode expansions as well would
+    # rather than kept: at 1024 x 1024, 10%, batch 512, saved bytes 1.26x -> 1.01x
+    # nn.Linear's for about 10% more time. Recomputing the out-mode expansions as well would
     # save as much again but cost 30-60% more time: not done (checkpointing=True does).
     return 4 * batch * (in_features + out_features) >= in_features * out_features
 
