@@ -57,8 +57,7 @@ def _apply_factorized(
         recompute = _projection_recomputed(w.in_features, w.out_features, x.shape[0])
         y = _ModeProducts.apply(x, core, recompute, len(ins), *ins, *outs)
     else:
-        t = _project(x, ins, keep=False)[-1]
-        y = _expand(torch.mm(core, t.view(core.shape[1], -1)), outs, keep=False)[-1]
+        y = _expand(torch.mm(core, _project(x, ins)[-1].view(core.shape[1], -1)), outs)[-1]
     return add_bias(y.view(x.shape[0], -1), bias)
 
 
@@ -72,25 +71,21 @@ def _apply_factorized(
 # both operands transposed: with a mode of 8, that ran 13x slower on this CPU's BLAS.
 
 
-def _project(x: Tensor, ins: Sequence[Tensor], keep: bool = True) -> list[Tensor]:
+def _project(x: Tensor, ins: Sequence[Tensor]) -> list[Tensor]:
     """``x (batch, in)`` onto the in-factors: the input of each product (``x`` first), then
-    the result ``(r_1, r_2..r_n * batch)``, i.e. ``(R_in, batch)``. With ``keep=False`` only
-    the result: each input is freed once used (inference)."""
+    the result ``(r_1, r_2..r_n * batch)``, i.e. ``(R_in, batch)``."""
     ts = [x]
     for v in reversed(ins):  # (r_{k+1}.., batch, i_1..i_k) -> (r_k.., batch, i_1..i_{k-1})
-        t = torch.mm(v.T.contiguous(), ts[-1].view(-1, v.shape[0]).T)
-        ts = [*ts, t] if keep else [t]
+        ts.append(torch.mm(v.T.contiguous(), ts[-1].view(-1, v.shape[0]).T))
     return ts
 
 
-def _expand(s: Tensor, outs: Sequence[Tensor], keep: bool = True) -> list[Tensor]:
+def _expand(s: Tensor, outs: Sequence[Tensor]) -> list[Tensor]:
     """``s (R_out, batch)`` expanded by the out-factors: the input of each product, then the
-    result ``(batch * o_1..o_{m-1}, o_m)``, i.e. ``(batch, out)``; ``keep`` as in
-    ``_project``."""
+    result ``(batch * o_1..o_{m-1}, o_m)``, i.e. ``(batch, out)``."""
     ss = [s]
     for u in outs:  # (q_k.., batch, o_1..o_{k-1}) -> (q_{k+1}.., batch, o_1..o_k)
-        t = F.linear(ss[-1].view(u.shape[1], -1).T, u)
-        ss = [*ss, t] if keep else [t]
+        ss.append(F.linear(ss[-1].view(u.shape[1], -1).T, u))
     return ss
 
 
