@@ -126,11 +126,18 @@ def _work_factorized(s: WeightShape, batch: int) -> Work:
 
 
 def _prepare_sequential(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
-    # In the order the apply uses them: the last in-factor, the other in-factors last to
-    # first, then the out-factors; the scale folded into the smallest in-factor.
-    outs, ins = _scaled(w, layer)
-    ins.reverse()
-    return (*ins, *outs)
+    # In the order the apply uses them (bound at construction: the last in-factor, the
+    # other in-factors last to first, then the out-factors), the per-component scale folded
+    # into the smallest in-factor. Read straight from the registries: at batch 1 this list
+    # handling is a fair share of the call.
+    factors = listed(member(w, "factors"))
+    scale: Tensor = member(w, "weights")
+    if layer is not None:
+        scale = scale * factors[0][layer]
+    ops = [factors[k] for k in w._sequential_order]
+    at = w._sequential_scaled
+    ops[at] = ops[at] * scale
+    return tuple(ops)
 
 
 def _apply_sequential(
@@ -141,13 +148,13 @@ def _apply_sequential(
     # Cheap when batch * R is small (e.g. training at batch 1), costly otherwise. Every
     # reshape leaves the batch to -1 and every size was bound at construction: at batch 1
     # this runs in about as much Python as its kernels' own bindings.
-    R = w.rank
-    t = x.reshape(-1, w._last_in) @ ops[0]  # (B * i_1..i_{n-1}, R)
-    for size, f in zip(w._folds, ops[1:]):  # fold i_k: (B * i_1..i_{k-1}, i_k, R) -> sum
-        t = (t.view(-1, size, R) * f).sum(1)
-    for f in ops[w._n_in : -1]:  # (B, o_1..o_{j-1}, R) -> (B, o_1..o_j, R)
-        t = t.unsqueeze(-2) * f
-    return add_bias(F.linear(t.reshape(-1, R), ops[-1]).view(-1, w.out_features), bias)
+    R, n_in = w.rank, w._n_in
+    t = torch.mm(x.reshape(-1, w._last_in), ops[0])  # (B * i_1..i_{n-1}, R)
+    for k, size in enumerate(w._folds, 1):  # fold i_k: (B * i_1..i_{k-1}, i_k, R) -> sum
+        t = (t.view(-1, size, R) * ops[k]).sum(1)
+    for k in range(n_in, len(ops) - 1):  # (B, o_1..o_{j-1}, R) -> (B, o_1..o_j, R)
+        t = t.unsqueeze(-2) * ops[k]
+    return add_bias(F.linear(t.view(-1, R), ops[-1]).view(-1, w.out_features), bias)
 
 
 def _work_sequential(s: WeightShape, batch: int) -> Work:
@@ -222,6 +229,11 @@ class CPFormat(FactorizedMatrix):
         self._smallest_in = min(range(len(self.in_modes)), key=self.in_modes.__getitem__)
         # bound for the sequential strategy: the first GEMM's mode, then the folded modes
         self._last_in, self._folds = self.in_modes[-1], tuple(self.in_modes[-2::-1])
+        # and the order its operands are read in: indices into ``factors``
+        first = (1 if self.n_layers > 1 else 0) + self._n_out
+        ins = list(range(first, first + self._n_in))[::-1]
+        self._sequential_order = (*ins, *range(first - self._n_out, first))
+        self._sequential_scaled = self._n_in - 1 - self._smallest_in
 
     def _to_matrix(self, layer: int | None) -> Tensor:
         scale, outs, ins = _split(self, layer)
