@@ -89,6 +89,40 @@ def test_estimates_follow_the_injected_constants_exactly():
     assert tz.planner_machine("cpu", torch.float64) != m
 
 
+def test_fresh_buffers_cost_their_first_touch_on_top_of_their_traffic():
+    from tensorized.formats import Work
+
+    big = _machine.FRESH_BUFFER_BYTES // 4  # float32 elements of a buffer at the threshold
+    rows = big // 16
+    w = Work([], [(rows, 16, 16, 1), (rows - 1, 16, 16, 1)], prepare_buffers=(big, big - 1))
+    plain = tz.Machine(1e9, 2e9, 1e-5, elementwise_bytes_per_s=4e9)
+    tz.set_planner_machine(plain, "cpu", torch.float32)
+    _, _, _, reused = _plan.estimate(w, torch.float32, "cpu")
+    tz.set_planner_machine(dataclasses.replace(plain, fresh_bytes_per_s=1e9), "cpu", torch.float32)
+    _, _, _, fresh = _plan.estimate(w, torch.float32, "cpu")
+    # only the product output and the prepare buffer that reach the threshold pay, once each
+    assert math.isclose(fresh - reused, 2 * _machine.FRESH_BUFFER_BYTES / 1e9, rel_tol=1e-9)
+    _, _, _, merged = _plan.estimate(w, torch.float32, "cpu", cached=True)
+    assert math.isclose(merged - reused, _machine.FRESH_BUFFER_BYTES / 1e9, rel_tol=1e-9)
+
+
+def test_a_reconstruction_too_large_for_reused_memory_loses_to_factorized():
+    # 4096 x 4096 TT-matrix at 2%, batch 32: its rebuilt W (67 MB) is faulted in on every
+    # call (measured here: 'reconstructed' 91 ms, 'factorized' 52 ms)
+    layer = tz.FactorizedLinear(4096, 4096, factorization="blocktt", rank=0.02, device="meta")
+    base = tz.Machine(160e9, 25e9, 4e-6, elementwise_bytes_per_s=25e9)
+    plans = {}
+    for fresh in (None, 2e9):
+        tz.set_planner_machine(dataclasses.replace(base, fresh_bytes_per_s=fresh), "cpu")
+        plans[fresh] = layer.plan(32, training=False, device="cpu")
+    assert plans[None].chosen == "reconstructed" and plans[2e9].chosen == "factorized"
+    cost = {f: {n: c.seconds for n, c in p.costs.items()} for f, p in plans.items()}
+    assert cost[2e9]["factorized"] == cost[None]["factorized"]  # no buffer that large
+    # at least W twice: written by the chain's last product, then permuted into place
+    extra = cost[2e9]["reconstructed"] - cost[None]["reconstructed"]
+    assert extra >= 2 * 4096 * 4096 * 4 / 2e9
+
+
 def test_measured_constants_are_cached_on_disk_and_read_back(monkeypatch, tmp_path):
     calls = _count_measurements(monkeypatch)
     monkeypatch.setenv("TENSORIZED_CALIBRATE", "1")

@@ -2,9 +2,10 @@
 their on-disk cache.
 
 The planner (:mod:`tensorized._plan`) turns each strategy's declared work into a time with
-four constants per device type and dtype (:class:`Machine`). The fallback constants were
-fitted by hand on a few CPUs and one GPU; a short microbenchmark on the device in use (two
-GEMM shapes, an element-wise product, a tiny kernel) replaces them the first time a plan is
+five constants per device type and dtype (:class:`Machine`). The fallback constants were
+fitted by hand on a few CPUs and one GPU; a short microbenchmark on the device in use (a
+square GEMM, a memory-bound product on reused and on freshly mapped memory, an element-wise
+product, a tiny kernel) replaces them the first time a plan is
 made there, and the result is kept in the user's cache directory, so it runs once per
 machine, dtype and thread count.
 
@@ -47,28 +48,42 @@ class Machine:
 
     Attributes:
         flops_per_s: rate of a large matrix product (FLOPs: 2 per multiply-add).
-        bytes_per_s: operand traffic of a memory-bound matrix product.
+        bytes_per_s: operand traffic of a memory-bound matrix product whose operands fit
+            the allocator's reused memory (a few MB).
         call_overhead_s: time of one kernel call from Python, work aside.
         elementwise_bytes_per_s: traffic of broadcast element-wise kernels.
+        fresh_bytes_per_s: rate of first touching a buffer of at least
+            :data:`FRESH_BUFFER_BYTES`, paid on top of the traffic: on the CPU (glibc) such
+            buffers are mapped afresh by every allocation and page-faulted in as they are
+            written (about 5x slower than traffic on reused memory here); ``None``: no such
+            cost (CUDA's caching allocator).
     """
 
     flops_per_s: float
     bytes_per_s: float
     call_overhead_s: float
     elementwise_bytes_per_s: float
+    fresh_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "fresh_bytes_per_s":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"Machine.{f.name} must be a number, got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Machine.{f.name} must be finite and > 0, got {value!r}")
 
 
+#: Buffers this large are mapped afresh by each allocation on the CPU: glibc's largest
+#: mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB); smaller ones are
+#: reused from the heap once freed.
+FRESH_BUFFER_BYTES = 32 * 2**20
+
 #: The constants used where nothing was measured (float32; float64 at half the GEMM rate).
 FALLBACK_MACHINES: dict[str, Machine] = {
-    "cpu": Machine(120e9, 20e9, 15e-6, elementwise_bytes_per_s=6e9),
+    "cpu": Machine(120e9, 20e9, 15e-6, elementwise_bytes_per_s=6e9),  # fitted with no fresh term
     "cuda": Machine(40e12, 1.5e12, 8e-6, elementwise_bytes_per_s=1e12),
 }
 
@@ -172,27 +187,37 @@ def calibrate_planner(
 
 
 def measure_machine(device: torch.device, dtype: torch.dtype) -> Machine:
-    """The four constants, from a microbenchmark on ``device`` in ``dtype``, each measured
+    """The five constants, from a microbenchmark on ``device`` in ``dtype``, each measured
     the way the cost model uses it (the best of a few timed repetitions):
 
     - ``flops_per_s``: a square GEMM (512 on the CPU, 4096 on a GPU);
-    - ``bytes_per_s``: a product with 16 columns over more rows than the caches hold, its
-      operands' traffic over its time;
+    - ``bytes_per_s``: a product with 16 columns over more rows than the caches hold (8 MB
+      operands on a CPU: below :data:`FRESH_BUFFER_BYTES`), its operands' traffic over its
+      time;
     - ``call_overhead_s``: one step of a mode-by-mode strategy on tiny operands (a product on
       the last axis, then a view and a transpose): what each declared product costs beyond
       its arithmetic;
     - ``elementwise_bytes_per_s``: a broadcast product like a Khatri-Rao step, ``(n, 1, R)``
-      times ``(m, R)``, over more elements than the caches hold, bytes written over time.
+      times ``(m, R)``, over more elements than the caches hold, bytes written over time;
+    - ``fresh_bytes_per_s`` (CPU only): the same 16-column product with an output above
+      :data:`FRESH_BUFFER_BYTES`, its output's bytes over the time beyond its traffic.
     """
     gpu = device.type == "cuda"
     kw: dict[str, Any] = {"device": device, "dtype": dtype}
     n = 4096 if gpu else 512
     a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
     flops = 2 * n**3 / _best_time(lambda: a @ b, device)
-    rows = 1 << (24 if gpu else 19)
+    rows = 1 << (24 if gpu else 17)
     tall, narrow = torch.randn(rows, 16, **kw), torch.randn(16, 16, **kw)
     itemsize = tall.element_size()
     traffic = (2 * rows * 16 + 16 * 16) * itemsize / _best_time(lambda: tall @ narrow, device)
+    fresh = None
+    if not gpu:  # an output just above the threshold: every call maps and faults it in
+        rows = FRESH_BUFFER_BYTES // (16 * itemsize) + 4096
+        tall = torch.randn(rows, 16, **kw)
+        seconds = _best_time(lambda: tall @ narrow, device)
+        beyond = seconds - (2 * rows * 16 + 16 * 16) * itemsize / traffic
+        fresh = rows * 16 * itemsize / max(beyond, 0.1 * seconds)
     t, f = torch.randn(4, 4, **kw), torch.randn(4, 4, **kw)
     overhead = _best_time(
         lambda: torch.mm(t.reshape(-1, 4), f).view(-1, 2, 2).transpose(1, 2), device, calls=50
@@ -200,7 +225,9 @@ def measure_machine(device: torch.device, dtype: torch.dtype) -> Machine:
     left, right = torch.randn(1 << (14 if gpu else 10), 1, 64, **kw), torch.randn(64, 64, **kw)
     written = left.shape[0] * right.numel() * itemsize
     elementwise = written / _best_time(lambda: left * right, device)
-    return Machine(flops, traffic, overhead, elementwise_bytes_per_s=elementwise)
+    return Machine(
+        flops, traffic, overhead, elementwise_bytes_per_s=elementwise, fresh_bytes_per_s=fresh
+    )
 
 
 def _best_time(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
@@ -250,9 +277,9 @@ def _device_key(device_type: str, dtype: torch.dtype, index: int | None = None) 
         mode = f"tf32={torch.backends.cuda.matmul.allow_tf32}" if dtype == torch.float32 else ""
     else:
         name, mode = _cpu_name(), f"threads={torch.get_num_threads()}"
-    return (
-        f"{device_type}|{name}|{str(dtype).replace('torch.', '')}|{mode}|torch {torch.__version__}"
-    )
+    dtype_name = str(dtype).replace("torch.", "")
+    # model 2: bytes_per_s measured on reused memory, plus fresh_bytes_per_s
+    return f"{device_type}|{name}|{dtype_name}|{mode}|torch {torch.__version__}|model 2"
 
 
 @functools.lru_cache(maxsize=1)

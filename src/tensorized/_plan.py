@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from ._machine import FALLBACK_MACHINES, on_change, planner_machine
+from ._machine import FALLBACK_MACHINES, FRESH_BUFFER_BYTES, on_change, planner_machine
 from .formats import FactorizedMatrix, get_format
 from .formats._strategy import Gemm, WeightShape, Work
 
@@ -172,7 +172,7 @@ def estimate(
     products = w.prepare + w.apply if pays_prepare else w.apply
     itemsize = torch.empty((), dtype=dtype).element_size()
     machine = planner_machine(device_type, dtype)
-    rate = machine.flops_per_s
+    rate, fresh = machine.flops_per_s, machine.fresh_bytes_per_s
     flops = moved = 0
     seconds = (len(products) + w.extra_calls) * machine.call_overhead_s
     # Products recomputed in backward weigh a third of a product here: each product's time
@@ -184,6 +184,9 @@ def estimate(
         product_flops = 2 * m * k * n * c
         product_bytes = (m * k + (k * n + m * n) * c) * itemsize
         seconds += weight * max(product_flops / rate, product_bytes / machine.bytes_per_s)
+        written = m * n * c * itemsize
+        if fresh is not None and written >= FRESH_BUFFER_BYTES:
+            seconds += weight * written / fresh  # a fresh buffer, faulted in as written
         if weight == 1.0:
             flops, moved = flops + product_flops, moved + product_bytes
     # Element-wise work is backed by reductions over its broadcast dims in backward, which
@@ -195,6 +198,10 @@ def estimate(
         elementwise += 2 * w.prepare_numel * (3 if training else 1)
     moved += elementwise * itemsize
     seconds += elementwise * itemsize / machine.elementwise_bytes_per_s
+    if fresh is not None:  # e.g. the rebuilt W of 'reconstructed'
+        buffers = (w.prepare_buffers if pays_prepare else ()) + w.apply_buffers
+        big = [n * itemsize for n in buffers if n * itemsize >= FRESH_BUFFER_BYTES]
+        seconds += sum(big) / fresh
     return flops, moved, len(products), seconds
 
 

@@ -81,6 +81,11 @@ class Work:
         extra_calls: element-wise kernel calls in ``apply`` beyond the products.
         recomputed: products run once more in backward, in training (intermediates
             recomputed there rather than kept for it).
+        prepare_buffers: the element count of each buffer that ``prepare``'s element-wise
+            work writes, where one may be large (the rebuilt ``W``): the planner adds the
+            cost of first touching those of at least ``FRESH_BUFFER_BYTES``.
+        apply_buffers: the same for ``apply``'s element-wise work (``apply_numel`` in
+            buffers).
     """
 
     prepare: list[Gemm]
@@ -90,6 +95,8 @@ class Work:
     copied_numel: int = 0
     extra_calls: int = 0
     recomputed: list[Gemm] = field(default_factory=list)
+    prepare_buffers: tuple[int, ...] = ()
+    apply_buffers: tuple[int, ...] = ()
 
 
 Prepare = Callable[[Any, Any], tuple[Tensor, ...]]
@@ -152,6 +159,7 @@ def reconstructed(reconstruction: Callable[[WeightShape], tuple[list[Gemm], int]
             apply,
             prepare_numel=numel + shape.out_features * shape.in_features,
             recomputed=list(products) if rebuilt else [],  # _RebuiltWeight, in training
+            prepare_buffers=(shape.out_features * shape.in_features,),
         )
 
     return Strategy(

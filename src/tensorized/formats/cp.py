@@ -122,6 +122,7 @@ def _work_factorized(s: WeightShape, batch: int) -> Work:
         two_gemm_work(batch, s, R),
         prepare_numel=(s.in_features + s.out_features) * R,
         recomputed=again,
+        prepare_buffers=(s.in_features * R, s.out_features * R),
     )
 
 
@@ -159,11 +160,12 @@ def _apply_sequential(
 
 def _work_sequential(s: WeightShape, batch: int) -> Work:
     R, ins, outs, B = s.rank, s.in_modes, s.out_modes, batch
-    folds = 0  # a product of B * prod(ins[:k+1]) * R, then its sum; the out side's products
+    # a product of B * prod(ins[:k+1]) * R, then its sum; the out side's products
+    buffers: list[int] = []
     for k in range(len(ins) - 1):
-        folds += B * R * (math.prod(ins[: k + 1]) + math.prod(ins[:k]))
+        buffers += [B * R * math.prod(ins[: k + 1]), B * R * math.prod(ins[:k])]
     for k in range(len(outs) - 1):
-        folds += B * R * math.prod(outs[: k + 1])
+        buffers.append(B * R * math.prod(outs[: k + 1]))
     apply = [
         (B * s.in_features // ins[-1], ins[-1], R, 1),
         (B * s.out_features // outs[-1], R, outs[-1], 1),
@@ -171,7 +173,14 @@ def _work_sequential(s: WeightShape, batch: int) -> Work:
     # prepare: the scale folded into the smallest in-factor (and the layer row into it)
     scaled = R * (min(ins) + (1 if s.n_layers > 1 else 0))
     calls = 2 * (len(ins) - 1) + len(outs) - 1  # the folds and the out-side products
-    return Work([], apply, prepare_numel=scaled, apply_numel=folds, extra_calls=calls)
+    return Work(
+        [],
+        apply,
+        prepare_numel=scaled,
+        apply_numel=sum(buffers),
+        extra_calls=calls,
+        apply_buffers=tuple(buffers),
+    )
 
 
 def _reconstruction(s: WeightShape) -> tuple[list, int]:

@@ -22,7 +22,12 @@ def _prepare_factorized(w: LowRankFormat, layer: int | None) -> tuple[Tensor, ..
 
 def _work_factorized(s: WeightShape, batch: int) -> Work:
     R = s.rank
-    return Work([], two_gemm_work(batch, s, R), prepare_numel=(s.in_features + s.out_features) * R)
+    return Work(
+        [],
+        two_gemm_work(batch, s, R),
+        prepare_numel=(s.in_features + s.out_features) * R,
+        prepare_buffers=(s.in_features * R,),  # V * s
+    )
 
 
 def _reconstruction(s: WeightShape) -> tuple[list, int]:
