@@ -35,14 +35,18 @@ def _sizes(in_modes: Modes, out_modes: Modes, n_layers: int) -> tuple[int, ...]:
     return ((n_layers,) if n_layers > 1 else ()) + tuple(out_modes) + tuple(in_modes)
 
 
-def _split(w: CPFormat, layer: int | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Per-component scales (weights times the layer's row), out factors, in factors."""
-    factors = listed(member(w, "factors"))
+def _component_scale(w: CPFormat, factors: list[Tensor], layer: int | None) -> Tensor:
+    """Per-component scales: the weights, times the layer's row of the layer factor
+    (``factors[0]``) in a joint weight."""
     scale: Tensor = member(w, "weights")
-    if w.n_layers > 1:
-        scale = scale * factors.pop(0)[layer]
-    m = w._n_out
-    return scale, factors[:m], factors[m:]
+    return scale if w.n_layers == 1 else scale * factors[0][layer]
+
+
+def _split(w: CPFormat, layer: int | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Per-component scales, out factors, in factors."""
+    factors = listed(member(w, "factors"))
+    first = w._first_in
+    return _component_scale(w, factors, layer), factors[first - w._n_out : first], factors[first:]
 
 
 def _few_rows(n: int, in_modes: tuple[int, ...]) -> bool:
@@ -132,12 +136,9 @@ def _prepare_sequential(w: CPFormat, layer: int | None) -> tuple[Tensor, ...]:
     # into the smallest in-factor. Read straight from the registries: at batch 1 this list
     # handling is a fair share of the call.
     factors = listed(member(w, "factors"))
-    scale: Tensor = member(w, "weights")
-    if layer is not None:
-        scale = scale * factors[0][layer]
     ops = [factors[k] for k in w._sequential_order]
     at = w._sequential_scaled
-    ops[at] = ops[at] * scale
+    ops[at] = ops[at] * _component_scale(w, factors, layer)
     return tuple(ops)
 
 
@@ -239,7 +240,7 @@ class CPFormat(FactorizedMatrix):
         # bound for the sequential strategy: the first GEMM's mode, then the folded modes
         self._last_in, self._folds = self.in_modes[-1], tuple(self.in_modes[-2::-1])
         # and the order its operands are read in: indices into ``factors``
-        first = (1 if self.n_layers > 1 else 0) + self._n_out
+        first = self._first_in = (1 if self.n_layers > 1 else 0) + self._n_out
         ins = list(range(first, first + self._n_in))[::-1]
         self._sequential_order = (*ins, *range(first - self._n_out, first))
         self._sequential_scaled = self._n_in - 1 - self._smallest_in
@@ -293,8 +294,7 @@ class CPFormat(FactorizedMatrix):
         return self.factors[0][layer]
 
     def _in_mode_factors(self) -> list[tuple[nn.Parameter, int]]:
-        first = (1 if self.n_layers > 1 else 0) + self._n_out
-        return [(f, 0) for f in list(self.factors)[first:]]  # (i_k, R)
+        return [(f, 0) for f in list(self.factors)[self._first_in :]]  # (i_k, R)
 
     def _moments(self, layer: int | None) -> tuple[float, float] | None:
         scale, outs, ins = _split(self, layer)
