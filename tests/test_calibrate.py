@@ -1,13 +1,16 @@
 """Calibration: recorded inputs against manual hooks, fitted layers against float64 oracles."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import tensorized as tz
-from tensorized._calibrate import CalibrationResult, calibrate, holdout_split, record_inputs
+from tensorized._calibrate import CalibrationResult, calibrate
+from tensorized._record import record_inputs
+from tensorized._statistics import InputStatistics, holdout_split
 
 F64 = torch.float64
 RANK = {"cp": 0.15, "tucker": 0.3, "tt": 0.3, "blocktt": 0.3, "lowrank": 0.3}
@@ -116,12 +119,36 @@ def test_never_worse_and_zero_steps():
 
 
 def test_holdout_split_is_a_seeded_partition():
-    fit, held = holdout_split(10, 0.3, seed=1)
-    assert len(held) == 3 and len(fit) == 7
-    assert sorted(torch.cat([fit, held]).tolist()) == list(range(10))
-    again = holdout_split(10, 0.3, seed=1)
+    fit, held = holdout_split(1000, 0.3, seed=1)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(1000))
+    assert abs(len(held) - 300) <= 5  # a low-discrepancy sequence: close to the fraction
+    again = holdout_split(1000, 0.3, seed=1)
     assert torch.equal(again[1], held)
+    assert not torch.equal(holdout_split(1000, 0.3, seed=2)[1], held)
     assert len(holdout_split(2, 0.01)[1]) == 1 and len(holdout_split(2, 0.99)[0]) == 1
+    # a prefix of the rows is split as in the whole: the split streams
+    assert torch.equal(holdout_split(400, 0.3, seed=1)[1], held[held < 400])
+
+
+def test_streamed_statistics_are_the_sums_over_the_split_rows():
+    gen = torch.Generator().manual_seed(0)
+    X, S = torch.randn(300, 5, generator=gen, dtype=F64), torch.randn(300, 5, generator=gen)
+    fit, held = holdout_split(300, 0.25, seed=3)
+    streamed = InputStatistics(5, torch.device("cpu"), paired=True, holdout=0.25, seed=3)
+    for rows in (slice(0, 1), slice(1, 77), slice(77, 300)):  # any batching
+        streamed.add(X[rows], S[rows])
+    ones = torch.ones(300, 1, dtype=F64)
+    Xa, Sa = torch.cat([X, ones], 1), torch.cat([S.double(), ones], 1)
+    for moments, rows in ((streamed.fit, fit), (streamed.held, held)):
+        assert moments.n == len(rows)
+        for got, A, B in ((moments.xx, Xa, Xa), (moments.xs, Xa, Sa), (moments.ss, Sa, Sa)):
+            want = torch.einsum("ni,nj->ij", A[rows], B[rows])
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the squared output error over the held-out rows, from the sums and from the rows
+    W_hat, b_hat = torch.randn(4, 5, dtype=F64), torch.randn(4, dtype=F64)
+    W, b = torch.randn(4, 5, dtype=F64), torch.randn(4, dtype=F64)
+    direct = (X[held] @ W_hat.T + b_hat - (S[held].double() @ W.T + b)).pow(2).sum()
+    assert streamed.held.squared_error(W_hat, b_hat, W, b) == pytest.approx(float(direct))
 
 
 def test_calibrate_rejects_bad_arguments():
@@ -353,6 +380,81 @@ def test_sequential_calibration_fits_later_layers_to_the_original_outputs():
     torch.testing.assert_close(
         models["sequential"].b.weight.to_matrix(), exact.weight.to_matrix(), rtol=1e-8, atol=1e-8
     )
+
+
+def test_sequential_target_is_the_ridge_regression_on_the_shifted_inputs():
+    # A hand-computed oracle for the second layer of a -> tanh -> b: its fit rows are those
+    # of holdout_split over the whole stream (however it is batched), its inputs those the
+    # compressed a feeds it, its targets the original b on the original inputs; the target
+    # weight is the ridge regression W* and lowrank's optimum in the fit rows' norm keeps
+    # the leading eigenvectors of W* G W*^T, with the least-squares bias.
+    torch.manual_seed(1)
+    original = Chain().double()
+    x = torch.randn(1500, 16, dtype=F64)
+    model = copy.deepcopy(original)
+    cfg = tz.TensorizeConfig(factorization="lowrank", rank=4, min_params=0, progress=False)
+    tz.tensorize_(model, cfg, calibration_data=list(x.split(160)))
+    with torch.no_grad():
+        X, S = torch.tanh(model.a(x)), torch.tanh(original.a(x))
+    fit, _ = holdout_split(1500, 0.25, seed=0)
+    W, b = original.b.weight.detach(), original.b.bias.detach()
+    Xf, Yf = X[fit], S[fit] @ W.T + b
+    Xc, Yc = Xf - Xf.mean(0), Yf - Yf.mean(0)
+    G = Xc.T @ Xc
+    ridge = 0.1 * min(1.0, 16 / len(fit)) ** 2 * float(G.diagonal().mean())
+    W_star = (Yc.T @ Xc + ridge * W) @ torch.linalg.inv(G + ridge * torch.eye(16, dtype=F64))
+    _, vecs = torch.linalg.eigh(W_star @ G @ W_star.T)
+    U = vecs[:, -4:]
+    W_hat = U @ U.T @ W_star
+    b_hat = Yf.mean(0) - W_hat @ Xf.mean(0)
+    torch.testing.assert_close(model.b.weight.to_matrix(), W_hat, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(model.b.bias.detach(), b_hat, rtol=1e-7, atol=1e-9)
+
+
+def test_calibration_runs_the_model_only_as_far_as_the_layer_fitted():
+    class Tail(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Tail.calls += 1
+            return x.sum(-1)
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), Tail())
+    cfg = tz.TensorizeConfig(factorization="lowrank", rank=4, min_params=0, progress=False)
+    report = tz.tensorize_(model, cfg, calibration_data=[torch.randn(64, 16) for _ in range(4)])
+    assert all(row.output_error_after <= row.output_error_before for row in report)
+    assert Tail.calls == 1  # once, to count the calls of each layer; never in a fitting pass
+
+
+def test_a_layer_called_on_other_rows_after_compression_is_fitted_on_the_originals():
+    class Gate(nn.Module):
+        """b runs on the rows where a's first output is positive: a compressed a selects
+        other rows, which cannot be paired with the original ones."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.tanh(h[h[:, 0] > 0]))
+
+    torch.manual_seed(0)
+    original = Gate().double()
+    data = [torch.randn(128, 16, dtype=F64) for _ in range(4)]
+    fitted = {}
+    for mode in ("sequential", "independent"):
+        model = copy.deepcopy(original)
+        cfg = tz.TensorizeConfig(
+            factorization="lowrank", rank=4, min_params=0, calibration_mode=mode, progress=False
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tz.tensorize_(model, cfg, calibration_data=data)
+        fitted[mode] = model.b.weight.to_matrix()
+        warned = [str(w.message) for w in caught if "do not match" in str(w.message)]
+        assert len(warned) == (mode == "sequential") and "'b'" in "".join(warned or ["'b'"])
+    torch.testing.assert_close(fitted["sequential"], fitted["independent"], rtol=1e-10, atol=1e-12)
 
 
 def test_sequential_calibration_reads_a_one_shot_stream_once():

@@ -16,6 +16,7 @@ import tensorized as tz
 from oracles import dense_weight
 from tensorized import FactorizedLinear, LinearView, TensorizeConfig, tensorize_
 from tensorized._shapes import tensorize_shape
+from tensorized._statistics import InputStatistics
 
 F64 = torch.float64
 FAST = {"cp": {"n_iter_max": 3}}  # ALS iterations do not change shapes or counts
@@ -485,26 +486,30 @@ def test_calibration_contract(monkeypatch):
     originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     recorded = {}
 
-    def record_inputs(model_, modules, data, *, max_rows=4096, seed=0, progress=False):
+    def record_statistics(model_, modules, data, *, max_rows=4096, progress=False, **kwargs):
         assert all(type(model_.get_submodule(n)) is nn.Linear for n in modules)  # original
         calls.append(("record", set(modules), data, max_rows, progress))
         for n, m in modules.items():
             assert m is originals[n]
-            recorded[n] = torch.randn(7, m.in_features)
+            recorded[n] = InputStatistics.of_rows(torch.randn(7, m.in_features))
         return dict(recorded)
 
-    def calibrate(layer, weights, biases, inputs, *, steps=200, lr=None, holdout=0.25, seed=0):
-        calls.append(("calibrate", layer, weights, biases, inputs, steps))
+    def calibrate_statistics(layer, weights, biases, statistics, *, steps=200, lr=None):
+        calls.append(("calibrate", layer, weights, biases, statistics, steps))
         return types.SimpleNamespace(
             before=[0.5 + i for i in range(len(weights))], after=[0.25] * len(weights), steps=steps
         )
 
-    from tensorized import _calibrate as real
+    from tensorized import _record as real
 
-    stub = types.SimpleNamespace(
-        record_inputs=record_inputs, calibrate=calibrate, _check_data=real._check_data
+    recording = types.SimpleNamespace(
+        record_statistics=record_statistics,
+        _check_data=real._check_data,
+        call_counts=real.call_counts,
     )
-    monkeypatch.setitem(sys.modules, "tensorized._calibrate", stub)
+    fitting = types.SimpleNamespace(calibrate_statistics=calibrate_statistics)
+    monkeypatch.setitem(sys.modules, "tensorized._record", recording)
+    monkeypatch.setitem(sys.modules, "tensorized._calibrate", fitting)
     data = [torch.randn(2, 8)]
     cfg = config(
         order=2,

@@ -6,7 +6,7 @@ their strategies and :func:`~tensorized.formats.register_format`) and
 """
 
 from ._allocate import allocate_ranks
-from ._calibrate import CalibrationResult, calibrate, record_inputs
+from ._calibrate import CalibrationResult, calibrate
 from ._config import TensorizeConfig
 from ._distill import DistillReport, distill_
 from ._embedding import EmbeddingView, FactorizedEmbedding
@@ -14,6 +14,7 @@ from ._linear import FactorizedLinear
 from ._machine import Machine, calibrate_planner, planner_machine, set_planner_machine
 from ._plan import Plan, StrategyCost, make_plan, plan_cache_info
 from ._ranks import RankBudgetWarning, param_count, rank_caps, resolve_rank
+from ._record import record_inputs
 from ._report import LayerReport, TensorizeReport
 from ._serialize import load_config, load_model, save_model
 from ._shapes import tensorize_shape

@@ -149,7 +149,8 @@ class TensorizeConfig:
         decomposition_kwargs: options of the decompositions (e.g. ``n_iter_max``), kept as a
             read-only copy.
         calibration_steps: optimizer steps per layer (or group) with calibration data.
-        calibration_rows: input rows recorded per layer for calibration.
+        calibration_rows: input rows per layer that enter its calibration statistics (the
+            first ones seen; the statistics take the same memory whatever this is).
         calibration_mode: ``'sequential'``: layers are fitted in forward order, each on the
             inputs it sees in the partially compressed model, to the outputs the original
             layer gives on the original inputs of the same samples (so a layer corrects the

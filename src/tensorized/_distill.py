@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._calibrate import _call, _check_data, padding_mask
 from ._config import show_progress
 from ._embedding import FactorizedEmbedding
 from ._linear import FactorizedLinear
+from ._record import _call, _check_data, padding_mask
 
 __all__ = ["DistillReport", "distill_"]
 
@@ -93,7 +93,7 @@ def _squared_errors(
     student: Any, teacher: Any, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(sum ||s - t||^2, sum ||t||^2)`` over the output tensors (in float32 or wider);
-    with a padding ``mask`` (see :func:`~tensorized._calibrate.padding_mask`), the entries
+    with a padding ``mask`` (see :func:`~tensorized._record.padding_mask`), the entries
     of an output whose leading dims have the mask's shape count only where it is nonzero."""
     errors, norms = [], []
     for s, t in _pairs(student, teacher):

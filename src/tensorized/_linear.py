@@ -379,7 +379,7 @@ class FactorizedLinear(Merging):
         # call level costs microseconds at batch 1 when the kernel has just evicted the caches.
         merged = self._merged
         if merged is not None and x.ndim == 2 and not torch.is_grad_enabled() and not capturing():
-            bias = self._parameters["bias"]
+            bias: Tensor | None = self._parameters["bias"]
             if bias is not None and layer is not None:
                 bias = bias[layer]
             return merged.strategy.apply(weight, x, merged.operands[layer], bias)

@@ -21,8 +21,8 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
-from ._calibrate import _call, padding_mask
 from ._distill import _squared_errors
+from ._record import _call, padding_mask
 
 __all__ = ["output_sensitivity"]
 

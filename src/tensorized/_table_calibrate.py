@@ -17,8 +17,8 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
-from ._calibrate import _call, padding_mask
 from ._embedding import FactorizedEmbedding
+from ._record import _call, padding_mask
 
 __all__ = ["calibrate_table", "record_token_counts", "row_weights"]
 

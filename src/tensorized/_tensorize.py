@@ -8,6 +8,7 @@ the report :class:`tensorized.TensorizeReport`.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -20,13 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from ._allocate import Choice
-from ._calibrate import _has_length
 from ._config import TensorizeConfig, show_progress
 from ._embedding import FactorizedEmbedding, table_modes
 from ._linear import FactorizedLinear
 from ._ops import frobenius_error
+from ._record import _has_length
 from ._report import LayerReport, TensorizeReport
 from ._shapes import Modes, tensorize_shape
+from ._statistics import InputStatistics
 
 __all__ = ["LayerReport", "TensorizeConfig", "TensorizeReport", "tensorize_"]
 
@@ -208,13 +210,14 @@ def tensorize_(
         filter_fn: ``filter_fn(module, qualified_name) -> bool``, applied after the config's
             matching; false leaves the layer alone.
         calibration_data: optional iterable of model inputs (a tensor ``x`` -> ``model(x)``,
-            a tuple -> ``model(*x)``, a dict -> ``model(**x)``). The targets' inputs are
-            recorded on the original model first (:func:`tensorized.record_inputs`),
-            then each new layer or group is fitted to its original's outputs
-            (:func:`tensorized.calibrate`, ``config.calibration_steps`` steps): by default
-            (``config.calibration_mode='sequential'``) in forward order, each on the inputs
-            it sees with the layers before it already replaced (the data is read once and
-            replayed for each layer); with ``'independent'``, on the original inputs.
+            a tuple -> ``model(*x)``, a dict -> ``model(**x)``). Each new layer or group is
+            fitted to its original's outputs (:func:`tensorized.calibrate`,
+            ``config.calibration_steps`` steps) from streamed statistics of its inputs (sums
+            of outer products of the rows, ``config.calibration_rows`` rows per layer): by
+            default (``config.calibration_mode='sequential'``) in forward order, each on the
+            inputs it sees with the layers before it already replaced, paired with the
+            original model's inputs for the same samples (the data is read once and replayed
+            for each layer); with ``'independent'``, on the original inputs.
             Tables are fitted to their rows weighted by how often the data looks them up.
 
     Returns:
@@ -257,13 +260,14 @@ def tensorize_(
         else:
             u.in_modes, u.out_modes = tensorize_shape(in_features, out_features, config.order)
     show = show_progress(config.progress)
-    inputs = None
+    inputs: dict[str, InputStatistics | None] | None = None
     counts: dict[str, Tensor] = {}
     data: Iterable = () if calibration_data is None else calibration_data
     order = list(range(len(units)))
     sequential = calibration_data is not None and config.calibration_mode == "sequential"
+    calls: dict[str, int] = {}
     if calibration_data is not None:  # recorded before anything is built
-        from ._calibrate import _check_data, record_inputs
+        from ._record import _check_data, call_counts, record_statistics
 
         _check_data(data)
         if sequential or config.rank_allocation == "budget":
@@ -274,15 +278,15 @@ def tensorize_(
         linears = {n: m for n, m in modules.items() if not isinstance(m, nn.Embedding)}
         tables = {n: m for n, m in modules.items() if isinstance(m, nn.Embedding)}
         rows = config.calibration_rows
-        inputs = record_inputs(model, linears, data, max_rows=rows, progress=show)
+        if not sequential or config.rank_allocation == "budget":
+            inputs = record_statistics(model, linears, data, max_rows=rows, progress=show)
         if tables:
             from ._table_calibrate import record_token_counts
 
             counts = record_token_counts(model, tables, data)
         if sequential:
-            from ._calibrate import call_order
-
-            position = {n: k for k, n in enumerate(call_order(model, modules, data))}
+            calls = call_counts(model, modules, data)
+            position = {n: k for k, n in enumerate(calls)}
             last = len(position)
             order.sort(key=lambda k: min(position.get(n, last) for n, _ in units[k].members))
     choices = _choices(units, config, inputs, model, data, counts)
@@ -296,15 +300,15 @@ def tensorize_(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                seen = None
-                if sequential and done:
+                stats = inputs
+                if sequential and not unit.table:
                     built_so_far = [(units[j], done[j]) for j in done]
-                    seen = _inputs_after(model, built_so_far, unit, data, config.calibration_rows)
+                    stats = _sequential_statistics(model, built_so_far, unit, data, config, calls)
                 new: nn.Module
                 if unit.table:
                     new, row = _build_table(unit, choice, config, counts.get(unit.name))
                 else:
-                    new, row = _build(unit, choice, config, inputs, seen)
+                    new, row = _build(unit, choice, config, stats)
             except Exception as exc:
                 raise _failure(exc, unit, choice, config) from exc
         for w in caught:  # re-issued naming the layer; the user's warning filters apply
@@ -320,7 +324,7 @@ def tensorize_(
 def _choices(
     units: list[_Unit],
     config: TensorizeConfig,
-    inputs: Mapping[str, Tensor] | None,
+    inputs: Mapping[str, InputStatistics | None] | None,
     model: nn.Module,
     data: Iterable,
     counts: Mapping[str, Tensor] | None = None,
@@ -371,16 +375,15 @@ def _choices(
     )
 
 
-def _gram(unit: _Unit, inputs: Mapping[str, Tensor]) -> Tensor | None:
+def _gram(unit: _Unit, inputs: Mapping[str, InputStatistics | None]) -> Tensor | None:
     """The unit's input second moment ``X^T X / rows`` in float64 (a joint group's: the mean
     of its members', each scaled to unit trace), or ``None`` without recorded rows."""
     grams = []
     for name, _ in unit.members:
-        X = inputs.get(name)
-        if X is None or X.shape[0] < 2:
+        st = inputs.get(name)
+        if st is None or st.seen < 2:
             return None
-        X = X.double()
-        C = X.T @ X
+        C = st.fit.xx[:-1, :-1] + st.held.xx[:-1, :-1]
         grams.append(C / C.trace().clamp_min(torch.finfo(torch.float64).tiny))
     return torch.stack(grams).mean(0)
 
@@ -389,12 +392,11 @@ def _build(
     unit: _Unit,
     choice: Choice,
     config: TensorizeConfig,
-    inputs: Mapping[str, Tensor] | None,
-    seen: Mapping[str, Tensor] | None = None,
+    inputs: Mapping[str, InputStatistics | None] | None,
 ) -> tuple[FactorizedLinear, LayerReport]:
     """Decompose (and calibrate) one unit; the model is not touched. ``inputs``: the
-    members' inputs in the original model; ``seen``: the same samples' inputs in the
-    partially compressed model (sequential calibration), or ``None``."""
+    statistics of the members' inputs (paired with the original model's inputs for
+    sequential calibration), or ``None``."""
     start = time.perf_counter()
     linears = [cast(nn.Linear, m) for _, m in unit.members]
     options: dict[str, Any] = dict(
@@ -413,31 +415,17 @@ def _build(
     new.train(linears[0].training)
     errors: tuple[float | None, float | None] = (None, None)
     if inputs is not None:
-        recorded = [inputs.get(n) for n, _ in unit.members]
-        xs = [x for x in recorded if x is not None and x.shape[0] >= 2]
-        if len(xs) < len(recorded):  # never called on calibration_data
+        stats = [inputs.get(n) for n, _ in unit.members]
+        if any(st is None or st.fit.n < 1 or st.held.n < 1 for st in stats):
             warnings.warn("under 2 calibration input rows recorded: not calibrated", stacklevel=2)
         else:
-            from ._calibrate import calibrate
+            from ._calibrate import calibrate_statistics
 
             biases = [None if m.bias is None else m.bias.detach() for m in linears]
             weights = [m.weight.detach() for m in linears]
-            now = None if seen is None else [seen.get(n) for n, _ in unit.members]
-            if now is not None and any(
-                x is None or x.shape != s.shape for x, s in zip(now, xs)
-            ):  # the compressed model called the layer differently: fit on the originals
-                warnings.warn(
-                    "its inputs in the partially compressed model do not match the original "
-                    "rows: calibrated on the original model's inputs",
-                    stacklevel=2,
-                )
-                now = None
-            if now is None:
-                res = calibrate(new, weights, biases, xs, steps=config.calibration_steps)
-            else:
-                steps = config.calibration_steps
-                current = cast(list[Tensor], now)
-                res = calibrate(new, weights, biases, current, steps=steps, sources=xs)
+            steps = config.calibration_steps
+            found = cast(list[InputStatistics], stats)
+            res = calibrate_statistics(new, weights, biases, found, steps=steps)
             errors = (sum(res.before) / len(res.before), sum(res.after) / len(res.after))
     with torch.no_grad():
         error = frobenius_error(unit.weight(), new.weight.to_matrix())
@@ -541,48 +529,77 @@ def _unswap(done: list[tuple[nn.Module, str, nn.Module]]) -> None:
         setattr(parent, child_name, old)
 
 
-def _inputs_after(
+def _sequential_statistics(
     model: nn.Module,
     built: list[tuple[_Unit, nn.Module]],
     unit: _Unit,
     data: Iterable,
-    rows: int,
-) -> dict[str, Tensor]:
-    """The inputs ``unit``'s members see with the ``built`` layers in place (the model is
-    put back as it was): the same samples and rows as the first recording."""
-    from ._calibrate import record_inputs
+    config: TensorizeConfig,
+    calls: Mapping[str, int],
+) -> dict[str, InputStatistics | None]:
+    """Statistics of the inputs ``unit``'s members see with the ``built`` layers in place,
+    paired with the original model's inputs of the same samples (the model is put back as it
+    was); unpaired statistics of the original inputs where nothing is built yet, or for a
+    member the compressed model calls differently (with a warning)."""
+    from ._record import paired_statistics, record_statistics
 
-    undo = _swap(model, built)
-    try:
-        return record_inputs(model, dict(unit.members), data, max_rows=rows)
-    finally:
-        _unswap(undo)
+    members = dict(unit.members)
+    # cut each call short once the members have run (unless one did not run on the first
+    # sample: then it may run only on others, and every call is run whole)
+    mine = {n: calls[n] for n in members} if all(n in calls for n in members) else None
+    rows = config.calibration_rows
+    if not built:
+        return record_statistics(model, members, data, max_rows=rows, calls=mine)
+    stats, mismatched = paired_statistics(
+        model,
+        lambda: functools.partial(_unswap, _swap(model, built)),
+        members,
+        data,
+        max_rows=rows,
+        calls=mine,
+        also=[m for _, m in built],
+    )
+    if mismatched:
+        warnings.warn(
+            "its inputs in the partially compressed model do not match the original rows: "
+            "calibrated on the original model's inputs",
+            stacklevel=2,
+        )
+        originals = record_statistics(model, members, data, max_rows=rows, calls=mine)
+        stats.update({n: originals[n] for n in mismatched})
+    return stats
 
 
 class _Replay(Iterable):
-    """Calibration data read once, then replayed: every later pass sees the same batches in
-    the same order (a shuffling DataLoader would not), and a one-shot iterator can be read
-    again. Sized data is read whole; a stream only as far as the first pass reads it."""
+    """Calibration data read once, then replayed: every pass sees the same batches in the
+    same order (a shuffling DataLoader would not), and a one-shot iterator can be read again.
+    The data is read lazily, only as far as the furthest pass has gone."""
 
     def __init__(self, data: Iterable) -> None:
-        self.data, self.read = data, False
+        self.data: Iterator | None = None
+        self.source, self.exhausted = data, False
         self.items: list[Any] = []
         self.length = len(data) if _has_length(data) else None  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator:
-        if self.read:
-            return iter(self.items)
-        self.read = True
-        return self._first()
-
-    def _first(self) -> Iterator:
-        for item in self.data:
-            self.items.append(item)
-            yield item
+        k = 0
+        while True:
+            if k == len(self.items):
+                if self.exhausted:
+                    return
+                if self.data is None:
+                    self.data = iter(self.source)
+                try:
+                    self.items.append(next(self.data))
+                except StopIteration:
+                    self.exhausted = True
+                    return
+            yield self.items[k]
+            k += 1
 
     def __len__(self) -> int:
-        if self.read:  # replays read exactly what the first pass read
-            return len(self.items)
-        if self.length is None:
-            raise TypeError("a stream")  # record_inputs then reads it as a bounded stream
-        return self.length
+        if self.length is not None:
+            return self.length
+        if not self.exhausted:
+            raise TypeError("a stream")  # readers then treat it as a bounded stream
+        return len(self.items)
