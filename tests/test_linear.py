@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tensorized as tz
 from oracles import dense_forward, dense_weight
@@ -38,6 +39,43 @@ def test_forward_equals_dense_oracle(fmt, impl, n_layers, lead):
         assert y.shape == (*lead, 15)
         torch.testing.assert_close(y, dense_forward(layer, x, i), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer[i](x), y, rtol=0, atol=0)
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_dense_layer_serves_like_nn_linear(n_layers):
+    # The dense format's one stored GEMM needs no plan: in eval without autograd it runs
+    # nn.Linear's ops (after selecting the layer's weight and bias when there is a layer
+    # mode) and equals the float64 product.
+    torch.manual_seed(0)
+    sources = [nn.Linear(12, 10, dtype=torch.float64) for _ in range(n_layers)]
+    layer = (
+        tz.FactorizedLinear.from_linear(sources[0], rank="same", factorization="dense")
+        if n_layers == 1
+        else tz.FactorizedLinear.from_linear_list(sources, rank="same", factorization="dense")
+    ).eval()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    with torch.no_grad():
+        for i, source in enumerate(sources):
+            with _Ops() as ours:
+                y = layer(x, i)
+            with _Ops() as reference:
+                source(x)
+            assert ours.ops == ["select"] * 2 * (n_layers > 1) + reference.ops
+            torch.testing.assert_close(y, x @ source.weight.T + source.bias, rtol=0, atol=1e-12)
+    assert layer.implementation == "auto"
+    assert {layer.plan(b).chosen for b in (1, 64, 4096)} == {layer.implementation_for(1)}
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)

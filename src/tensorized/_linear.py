@@ -210,6 +210,11 @@ class FactorizedLinear(Merging):
         _check_implementation(type(self.weight), value)
         self._implementation = value
         self._fixed = None if value == "auto" else self.weight.strategy(value)
+        # The strategy forward uses without planning: the fixed one, or the format's own.
+        own = type(self.weight).unplanned_strategy
+        self._unplanned: Strategy | None = self._fixed
+        if self._fixed is None and own is not None:
+            self._unplanned = self.weight.strategy(own)
 
     @property
     def in_features(self) -> int:
@@ -322,8 +327,8 @@ class FactorizedLinear(Merging):
         )
         if cached and self._merged is not None:
             plan = dataclasses.replace(plan, chosen=self._merged.strategy.name)
-        elif self._fixed is not None:
-            plan = dataclasses.replace(plan, chosen=self._fixed.name)
+        elif self._unplanned is not None:
+            plan = dataclasses.replace(plan, chosen=self._unplanned.name)
         return plan
 
     def implementation_for(self, batch: int) -> str:
@@ -336,8 +341,8 @@ class FactorizedLinear(Merging):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self._bound[1])
 
     def _strategy(self, rows: int, grad: bool, dtype: torch.dtype, device: Any) -> Strategy:
-        if self._fixed is not None:
-            return self._fixed
+        if self._unplanned is not None:
+            return self._unplanned
         key = (self._signature_id, rows, grad, dtype, device)
         name = cached_strategy(
             key, self.weight.signature_key, rows, grad, False, dtype, device.type
@@ -375,14 +380,23 @@ class FactorizedLinear(Merging):
         else:
             i = normalize_index(indices, n)
             layer = i if n > 1 else None
-        # A merged layer served without autograd applies its kept operands from here: each
-        # call level costs microseconds at batch 1 when the kernel has just evicted the caches.
-        merged = self._merged
-        if merged is not None and x.ndim == 2 and not torch.is_grad_enabled() and not capturing():
+        # A merged layer, or one whose strategy needs no plan, served without autograd runs
+        # from here: each call level costs microseconds at batch 1 when the kernel has just
+        # evicted the caches.
+        merged, unplanned = self._merged, self._unplanned
+        if (
+            (merged is not None or unplanned is not None)
+            and x.ndim == 2
+            and not torch.is_grad_enabled()
+            and not capturing()
+        ):
             bias: Tensor | None = self._parameters["bias"]
             if bias is not None and layer is not None:
                 bias = bias[layer]
-            return merged.strategy.apply(weight, x, merged.operands[layer], bias)
+            if merged is not None:
+                return merged.strategy.apply(weight, x, merged.operands[layer], bias)
+            assert unplanned is not None
+            return unplanned.apply(weight, x, unplanned.prepare(weight, layer), bias)
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, layer, use_reentrant=False)
         return self._forward(x, layer)
@@ -411,7 +425,7 @@ class FactorizedLinear(Merging):
             # tracer of the legacy ONNX exporter). Planned while tracing (not traced): the
             # choice is a constant of the graph, made for every batch size (a graph may serve
             # them all: dynamic shapes, ONNX dynamic axes), and computed from the parameters.
-            strategy = self._fixed or weight.strategy(
+            strategy = self._unplanned or weight.strategy(
                 planned_strategy(weight.signature_key, None, grad, x.dtype, x.device.type, False)
             )
             y = strategy.apply(weight, x2d, strategy.prepare(weight, layer), bias)
@@ -420,7 +434,7 @@ class FactorizedLinear(Merging):
         else:
             if merged is not None:  # gradients flow: the parameters are about to change
                 self._merged = None
-            strategy = self._fixed
+            strategy = self._unplanned
             if strategy is None:
                 rows = x2d.shape[0] or 1  # an empty batch costs nothing: planned as one row
                 key = (self._signature_id, rows, grad, x.dtype, x.device)

@@ -55,6 +55,10 @@ class FactorizedMatrix(nn.Module):
     aliases: ClassVar[tuple[str, ...]] = ()
     #: Ways to compute ``x @ W.T``; the first is the default fixed one.
     strategies: ClassVar[tuple[Strategy, ...]] = ()
+    #: A strategy at least as cheap as every other at every batch size, mode, dtype and
+    #: device (its ``prepare`` only selects stored parameters): ``'auto'`` uses it without
+    #: consulting the planner. ``None``: the planner chooses.
+    unplanned_strategy: ClassVar[str | None] = None
     #: ``'int'`` (one rank R), ``'tuple'`` (one rank per entry of :meth:`rank_caps`) or
     #: ``'none'`` (no rank: the dense format).
     rank_kind: ClassVar[str] = "tuple"

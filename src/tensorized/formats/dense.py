@@ -30,6 +30,7 @@ class DenseFormat(FactorizedMatrix):
     name = "dense"
     rank_kind = "none"
     closed_form_exact = True
+    unplanned_strategy = "factorized"  # both strategies are the one stored GEMM
     strategies = (
         Strategy(
             "factorized",
