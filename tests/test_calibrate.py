@@ -528,6 +528,52 @@ def test_kronecker_whitened_start_is_the_whitened_decomposition(fmt, rank, n_lay
         torch.testing.assert_close(fm.to_matrix(layer).detach(), expected, rtol=1e-8, atol=1e-8)
 
 
+def _correlated_gram(n, seed=0):
+    """A covariance with correlations across all in modes (not a Kronecker product)."""
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return A @ A.T / n + 0.1 * torch.eye(n, dtype=F64)
+
+
+def test_tt_whitened_fit_with_full_side_bonds_is_the_whitened_svd():
+    # Oracle: SVD-LLM's whitened truncated SVD at the middle rank (SVD of W S, S = C^{1/2},
+    # rank 5, times S^{-1}); TT with full out-side and in-side bonds carries exactly that.
+    from tensorized.formats import FORMATS
+
+    ins, outs = (3, 4, 2), (2, 5, 3)
+    C = _correlated_gram(24)
+    W = torch.randn(30, 24, generator=torch.Generator().manual_seed(1), dtype=F64)
+    S, S_inv = _root(C)
+    U, s, Vh = torch.linalg.svd(W @ S, full_matrices=False)
+    expected = (U[:, :5] * s[:5]) @ Vh[:5] @ S_inv
+    fm = FORMATS["tt"](ins, outs, (2, 10, 5, 8, 2), dtype=F64)
+    assert fm.fit_closed_form(None, W, C)
+    torch.testing.assert_close(fm.to_matrix().detach(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_tt_output_curve_is_the_error_its_fit_attains():
+    # W S is near a rank-5 matrix for a non-separable C. The budget of ranks (2, 10, 5, 8, 2)
+    # (full side bonds) is spent on them, and the output-aware curve's error there is the
+    # relative output error that the whitened fit attains (a Kronecker-whitened curve
+    # measures another norm).
+    from tensorized._allocate import allocate_choices
+    from tensorized.formats import FORMATS
+
+    ins, outs, rank = (3, 4, 2), (2, 5, 3), (2, 10, 5, 8, 2)
+    C = _correlated_gram(24, seed=3)
+    S, S_inv = _root(C)
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(30, 5, generator=gen, dtype=F64) @ torch.randn(5, 24, generator=gen, dtype=F64)
+    W = (W + 0.05 * torch.randn(30, 24, generator=gen, dtype=F64)) @ S_inv
+    budget = FORMATS["tt"].param_count(ins, outs, rank)
+    (choice,) = allocate_choices([W], [(ins, outs)], ["tt"], budget, grams=[C])
+    assert choice.rank == rank
+    fm = FORMATS["tt"](ins, outs, rank, dtype=F64)
+    assert fm.fit_closed_form(None, W, C)
+    E = fm.to_matrix().detach() - W
+    attained = float(((E @ C) * E).sum() / ((W @ C) * W).sum())
+    assert choice.error == pytest.approx(attained, rel=1e-6)
+
+
 def test_kronecker_whitened_cp_beats_the_plain_decomposition_in_the_whitened_norm():
     from tensorized.formats import FORMATS
 

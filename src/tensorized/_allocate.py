@@ -26,8 +26,9 @@ each weight's curve is the union of its formats' curves, so a layer gets the for
 rank) that lowers the total error most for its parameters. With calibration statistics the
 errors are *output* errors, ``||(W - What) S||^2 / ||W S||^2`` with ``S S^T`` the layer's
 input second moment: each format's curve is measured on the whitened weight it is fitted to
-(``W S`` for 'lowrank', whose curve is then the exact whitened-SVD tail of SVD-LLM; the
-Kronecker-whitened tensor ``W x_k S_k`` for the tensor formats, see
+(``W S`` for the formats with a whitened closed form: for 'lowrank' the curve is then the
+exact whitened-SVD tail of SVD-LLM, for 'tt' exact through its out-side and middle bonds; the
+Kronecker-whitened tensor ``W x_k S_k`` for the other tensor formats, see
 ``FactorizedMatrix.fit_kronecker_whitened``), relative to the layer's output energy so that
 every layer counts alike.
 """
@@ -283,8 +284,13 @@ def _curve_target(
     if C is None:
         return W, float(W.double().pow(2).sum())
     C = C.to(device=W.device, dtype=torch.float64)
-    if cls.closed_form_exact or cls.fit_closed_form_all is not FactorizedMatrix.fit_closed_form_all:
-        # 'lowrank': the exact whitened SVD; 'basis': whitened Basis Sharing
+    if (
+        cls.closed_form_exact
+        or cls.fit_closed_form is not FactorizedMatrix.fit_closed_form
+        or cls.fit_closed_form_all is not FactorizedMatrix.fit_closed_form_all
+    ):
+        # 'lowrank': the exact whitened SVD; 'tt': whitened TT-SVD; 'basis': whitened
+        # Basis Sharing
         target = W.double() @ symmetric_root(C)[0]
     elif cls._in_mode_factors is not FactorizedMatrix._in_mode_factors:
         lead = W.shape[:-2]

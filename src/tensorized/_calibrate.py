@@ -18,6 +18,8 @@ rows (``_statistics``: sums of outer products of the fit and held-out rows, reco
    (``S ~ S_1 (x) ... (x) S_d`` over the in modes, from partial traces of ``S S^T``): the
    whitened tensor ``W x_k S_k`` is decomposed and ``S_k^{-1}`` folded back into the factor
    carrying in mode ``k``, which keeps the format (kept only where it lowers the fit loss).
+   TT also tries its whitened TT-SVD, exact through its out-side bonds and the middle
+   (out | in) bond (``TTFormat.fit_closed_form``); the start with the lower fit loss is kept.
    Any format then gets the least-squares bias.
 2. L-BFGS with a strong Wolfe line search (Liu & Nocedal, Math. Programming 45, 1989) on all
    factors and the bias, full batch. The output MSE of the fit rows only depends on their
@@ -336,7 +338,8 @@ def _bias(layer: FactorizedLinear, i: int) -> Tensor | None:
 def _closed_form(layer: FactorizedLinear, problems: list[_Problem]) -> None:
     """Data-aware start. A format with an exact closed form in the input-weighted norm
     ('lowrank', 'dense') takes it (``FactorizedMatrix.fit_closed_form_all``). The others try
-    their approximate closed form where they have one ('basis': whitened Basis Sharing) and
+    their approximate closed form where they have one ('basis': whitened Basis Sharing;
+    'tt': whitened TT-SVD) and
     their Kronecker-whitened decomposition of the targets (``fit_kronecker_whitened``: the
     tensor formats), and keep whichever start has the lowest fit loss, the layer's current
     state included. Then the least-squares bias."""

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import decompose
-from .._ops import sliced_matmul, sliced_matmul_work
+from .._ops import (
+    kronecker_whiten,
+    mode_dot,
+    sliced_matmul,
+    sliced_matmul_work,
+    symmetric_root,
+)
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
@@ -324,6 +330,39 @@ class TTFormat(TrainFormat):
 
     def _in_mode_factors(self) -> list[tuple[nn.Parameter, int]]:
         return [(c, 1) for c in list(self.cores)[-len(self.in_modes) :]]  # (r, i_k, r')
+
+    @torch.no_grad()
+    def fit_closed_form(self, layer: int | None, weight: Tensor, gram: Tensor) -> bool:
+        """Whitened TT-SVD, exact through the out-side bonds and the middle (out | in) bond.
+
+        The train's bonds up to the middle one project the rows of the unfoldings, and a
+        projection of rows commutes with ``W -> W S`` (``S = gram^{1/2}``): a TT-SVD sweep of
+        ``W S`` over the out modes (Oseledets 2011) truncates each of those bonds in the
+        norm ``||(W - What) S||_F`` that calibration minimizes, the middle one by the
+        whitened truncated SVD of SVD-LLM (Wang et al., 2024). What remains right of the
+        middle bond, ``(r_m, in) S^{-1}``, is split over the in modes in the
+        Kronecker-whitened norm (see :meth:`fit_kronecker_whitened`); exact when those bonds
+        are full. With full side bonds the fit is the whitened SVD at the middle rank. Joint
+        layers share the cores: no per-layer closed form (``False``).
+        """
+        if self.n_layers > 1:
+            return False
+        m = len(self.out_modes)
+        root, inverse = symmetric_root(gram.double())
+        whitened = (weight.double() @ root).reshape(*self.out_modes, self.in_features)
+        left = decompose.tensor_train(whitened, self.rank[:m])  # m out cores, (r_m, in, 1)
+        middle = self.rank[m - 1]
+        rest = (left[-1].reshape(middle, self.in_features) @ inverse).reshape(
+            middle, *self.in_modes
+        )
+        rest, inverses = kronecker_whiten(rest, gram.double(), self.in_modes, 1)
+        right = decompose.tensor_train(rest, (middle, *self.rank[m:]))  # (1, r_m, r_m) first
+        cores = left[:-1]
+        cores[-1] = cores[-1] @ right[0].reshape(middle, middle)
+        cores += [mode_dot(c, inv, 1) for c, inv in zip(right[1:], inverses)]
+        for param, core in zip(self.cores, cores):
+            param.copy_(core)
+        return True
 
     def to_tensorly(self, convert: Callable[[Tensor], Any]) -> Any:
         """A ``TTTensor``; a layer core ``(1, L, r)`` comes first."""
