@@ -747,7 +747,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="joint=True: the six blocks' same-shaped layers form one group each "
         "(for the 'basis' format: one shared basis per group)",
     )
-    add("--distill-epochs", type=int, default=2)
+    add("--distill-epochs", type=int, default=3)
     add(
         "--distill-on",
         default="outputs",
@@ -755,7 +755,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="distill_ matches every model output (default) or only the pooled embedding",
     )
     add("--calibration", type=int, default=128, help="calibration sentences")
-    add("--distill-sentences", type=int, default=1500, help="distillation sentences")
+    add("--distill-sentences", type=int, default=2000, help="distillation sentences")
     add("--eval", type=int, default=300, help="held-out evaluation sentences")
     add("--quick", action="store_true", help="a smoke test; writes nothing without --out")
     add("--out", help="markdown file (default benchmarks/COMPRESS.md; none with --quick)")

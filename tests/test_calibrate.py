@@ -560,7 +560,7 @@ def test_tt_output_curve_is_the_error_its_fit_attains():
 
     ins, outs, rank = (3, 4, 2), (2, 5, 3), (2, 10, 5, 8, 2)
     C = _correlated_gram(24, seed=3)
-    S, S_inv = _root(C)
+    _, S_inv = _root(C)
     gen = torch.Generator().manual_seed(4)
     W = torch.randn(30, 5, generator=gen, dtype=F64) @ torch.randn(5, 24, generator=gen, dtype=F64)
     W = (W + 0.05 * torch.randn(30, 24, generator=gen, dtype=F64)) @ S_inv
@@ -572,6 +572,41 @@ def test_tt_output_curve_is_the_error_its_fit_attains():
     E = fm.to_matrix().detach() - W
     attained = float(((E @ C) * E).sum() / ((W @ C) * W).sum())
     assert choice.error == pytest.approx(attained, rel=1e-6)
+
+
+def test_tucker_whitened_start_recovers_a_planted_tucker_weight():
+    # W = core x factors exactly (ranks (2, 3, 2, 2, 3, 2)), inputs correlated across modes:
+    # the out subspaces of W S, the in subspaces of the Kronecker-whitened W and the
+    # least-squares core reproduce W.
+    from tensorized.formats import FORMATS
+
+    ins, outs, rank = (3, 4, 2), (2, 5, 3), (2, 3, 2, 2, 3, 2)
+    gen = torch.Generator().manual_seed(5)
+    core = torch.randn(*rank, generator=gen, dtype=F64)
+    factors = [torch.randn(n, r, generator=gen, dtype=F64) for n, r in zip(outs + ins, rank)]
+    T = torch.einsum("abcdef,oa,pb,qc,id,je,kf->opqijk", core, *factors)
+    W = T.reshape(30, 24)
+    C = _correlated_gram(24, seed=6)
+    fm = FORMATS["tucker"](ins, outs, rank, dtype=F64)
+    assert fm.fit_closed_form(None, W, C)
+    torch.testing.assert_close(fm.to_matrix().detach(), W, rtol=1e-8, atol=1e-8)
+
+
+def test_tucker_whitened_core_solves_the_normal_equations():
+    # For the factors it chose, the core is the least-squares one in the whitened norm:
+    # U^T (W - What) C V = 0, with U, V the Kronecker products of the out and in factors.
+    from tensorized.formats import FORMATS
+
+    ins, outs, rank = (3, 4, 2), (2, 5, 3), (2, 3, 2, 2, 3, 2)
+    W = torch.randn(30, 24, generator=torch.Generator().manual_seed(7), dtype=F64)
+    C = _correlated_gram(24, seed=8)
+    fm = FORMATS["tucker"](ins, outs, rank, dtype=F64)
+    assert fm.fit_closed_form(None, W, C)
+    f = [x.detach() for x in fm.factors]
+    U = torch.einsum("ai,bj,ck->abcijk", f[0], f[1], f[2]).reshape(30, 12)
+    V = torch.einsum("ai,bj,ck->abcijk", f[3], f[4], f[5]).reshape(24, 12)
+    residual = U.T @ (W - fm.to_matrix().detach()) @ C @ V
+    assert float(residual.abs().max()) <= 1e-10 * float((U.T @ W @ C @ V).abs().max())
 
 
 def test_kronecker_whitened_cp_beats_the_plain_decomposition_in_the_whitened_norm():

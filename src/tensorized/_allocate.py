@@ -284,11 +284,7 @@ def _curve_target(
     if C is None:
         return W, float(W.double().pow(2).sum())
     C = C.to(device=W.device, dtype=torch.float64)
-    if (
-        cls.closed_form_exact
-        or cls.fit_closed_form is not FactorizedMatrix.fit_closed_form
-        or cls.fit_closed_form_all is not FactorizedMatrix.fit_closed_form_all
-    ):
+    if cls.whitened_curve or cls.closed_form_exact:
         # 'lowrank': the exact whitened SVD; 'tt': whitened TT-SVD; 'basis': whitened
         # Basis Sharing
         target = W.double() @ symmetric_root(C)[0]

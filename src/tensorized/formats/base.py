@@ -65,6 +65,11 @@ class FactorizedMatrix(nn.Module):
     #: Whether :meth:`fit_closed_form` is the exact optimum of the calibration loss (then
     #: calibration runs no iterative refinement).
     closed_form_exact: ClassVar[bool] = False
+    #: Whether :meth:`error_curve` of the whitened weight ``W S`` (``S S^T`` the input second
+    #: moment) is the format's output-error curve, as for a format whose calibration start
+    #: is exact in the whitened norm through its bonds ('lowrank', 'tt', 'basis'); otherwise
+    #: budgets measure the Kronecker-whitened weight (see :meth:`fit_kronecker_whitened`).
+    whitened_curve: ClassVar[bool] = False
     #: Name of the TensorLy class this format converts to (``None``: no conversion).
     tensorly_type: ClassVar[str | None] = None
     #: Budgeted allocation skips candidate fractions above this multiple of the overall

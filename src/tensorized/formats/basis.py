@@ -50,6 +50,7 @@ class SharedBasisFormat(FactorizedMatrix):
     """``V (in, r)`` shared by every layer, ``U (L, out, r)`` per layer (``L = n_layers``)."""
 
     name = "basis"
+    whitened_curve = True
     aliases = ("basis-sharing", "shared-basis")
     rank_kind = "int"
     rank: int

@@ -44,6 +44,7 @@ class LowRankFormat(FactorizedMatrix):
     aliases = ("low-rank",)
     rank_kind = "int"
     closed_form_exact = True
+    whitened_curve = True
     tensorly_type = "CPTensor"
     rank: int
     strategies = (

@@ -252,6 +252,7 @@ class TTFormat(TrainFormat):
 
     name = "tt"
     tensorly_type = "TTTensor"
+    whitened_curve = True
     strategies = (
         Strategy(
             "factorized",

@@ -16,7 +16,15 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .. import decompose
-from .._ops import capturing, mode_dot, sliced_matmul, sliced_matmul_work, unfold
+from .._ops import (
+    capturing,
+    kronecker_whiten,
+    mode_dot,
+    sliced_matmul,
+    sliced_matmul_work,
+    symmetric_root,
+    unfold,
+)
 from .._shapes import Modes
 from . import _curves
 from ._strategy import Gemm, Strategy, WeightShape, Work, apply_two_gemms, reconstructed
@@ -366,6 +374,39 @@ class TuckerFormat(FactorizedMatrix):
         m = len(self.out_modes)
         return [(f, 0) for f in list(self.factors)[m:]]  # (i_k, r_k)
 
+    @torch.no_grad()
+    def fit_closed_form(self, layer: int | None, weight: Tensor, gram: Tensor) -> bool:
+        """Whitened Tucker start for ``||(W - What) S||_F`` (``S S^T = gram``).
+
+        Out factors: the HOSVD (De Lathauwer et al., SIAM J. Matrix Anal. Appl. 21(4), 2000)
+        of the out modes of ``W S``; a projection of the out side commutes with ``W -> W S``,
+        so these are the HOSVD subspaces in the whitened norm itself. In factors: the HOSVD
+        of the in modes of the Kronecker-whitened weight (see :meth:`fit_kronecker_whitened`),
+        mapped back. Core: the exact least-squares core for those factors,
+        ``U^T W C V (V^T C V)^{-1}`` (``U``, ``V`` the Kronecker products of the out and in
+        factors). Joint layers share the factors: no per-layer closed form (``False``).
+        """
+        if self.n_layers > 1:
+            return False
+        m, C = len(self.out_modes), gram.double()
+        W = weight.double()
+        root, _ = symmetric_root(C)
+        whitened = (W @ root).reshape(*self.out_modes, self.in_features)
+        outs = [_leading(unfold(whitened, k), r) for k, r in enumerate(self.rank[:m])]
+        tensor = W.reshape(*self.out_modes, *self.in_modes)
+        tensor, inverses = kronecker_whiten(tensor, C, self.in_modes, m)
+        ins = [
+            inverse @ _leading(unfold(tensor, m + k), r)
+            for k, (inverse, r) in enumerate(zip(inverses, self.rank[m:]))
+        ]
+        U, V = _kron(outs), _kron(ins)  # (out, R_out) orthonormal, (in, R_in)
+        CV = C @ V
+        core = torch.linalg.solve(V.T @ CV, (U.T @ W @ CV).T).T  # (R_out, R_in)
+        self.core.copy_(core.reshape(self.core.shape))
+        for param, factor in zip(self.factors, outs + ins):
+            param.copy_(factor)
+        return True
+
     def _moments(self, layer: int | None) -> tuple[float, float] | None:
         core = _core(self, layer).double()
         factors = [f.double() for f in self.factors]
@@ -460,3 +501,9 @@ class TuckerFormat(FactorizedMatrix):
         )
         module.load_values({"core": core, **{f"factors.{k}": f for k, f in enumerate(factors)}})
         return module
+
+
+def _leading(M: Tensor, r: int) -> Tensor:
+    """The ``r`` leading left singular vectors of ``M`` (from the smaller Gram matrix)."""
+    vecs = torch.linalg.eigh(M @ M.T)[1]
+    return vecs[:, -r:].flip(-1)
