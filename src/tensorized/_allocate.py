@@ -17,8 +17,10 @@ total parameter count:
    whole-network low-rank acceleration in X. Zhang et al., "Accelerating Very Deep
    Convolutional Networks for Classification and Detection", TPAMI 38(10), 2016.
 3. **Polish**: a local search (one weight to any candidate, or an exchange between two)
-   brings the total within 2% under the budget (2% over it if the steps are too coarse) and
-   lowers the error further where it can.
+   lowers the total error further, counting each parameter short of 2% under the budget at
+   the greedy's price of a parameter (the best error per parameter the budget could not pay
+   for); the total lands within 2% under the budget (2% over it if the steps are too
+   coarse) unless getting there would cost more error than those parameters are worth.
 
 :func:`allocate_choices` (what ``tensorize_`` uses with ``rank_allocation='budget'``) runs
 the same allocation over several formats at once and the option of keeping a weight dense:
@@ -91,7 +93,9 @@ def allocate_ranks(
         One concrete rank per weight, as ``resolve_rank`` returns them (an int for 'cp' and
         'lowrank', a tuple for 'tucker', 'tt' and 'blocktt', ``None`` for 'dense'); their
         total ``param_count`` is within 2% under ``budget`` (2% over it if the rank steps
-        are too coarse; if even that fails, the nearest total and a ``RankBudgetWarning``).
+        are too coarse). Where landing in that range would raise the total error (every
+        step left costs more than the parameters left, and freeing them means taking
+        another weight down), the total stays lower and a ``RankBudgetWarning`` says so.
 
     Raises:
         ValueError: for a budget outside the reachable range (the message gives it), or
@@ -140,8 +144,9 @@ def allocate_ranks(
     total = sum(curve[j][0] for curve, j in zip(curves, choice))
     if abs(total - budget) > TOLERANCE * budget:
         warnings.warn(
-            f"budget={budget}: the nearest total that factorization={fmt!r} reaches with these "
-            f"candidate ranks is {total} ({total / budget - 1:+.1%}); pass finer candidates",
+            f"budget={budget}: with these candidate ranks, factorization={fmt!r} spends "
+            f"{total} ({total / budget - 1:+.1%}) at the least error found (closer totals "
+            f"cost error); pass finer candidates",
             RankBudgetWarning,
             stacklevel=2,
         )
@@ -381,33 +386,46 @@ def _allocate(curves: list[list[Option]], budget: float) -> list[int]:
 
     for k in range(len(curves)):
         push(k)
+    rates: list[float] = []  # error per parameter of the accepted steps
+    skipped: list[float] = []  # ... and of the steps the budget could not pay for
     while heap:
-        _, k = heapq.heappop(heap)
+        rate, k = heapq.heappop(heap)
         nxt = hulls[k][step[k] + 1]
         added = curves[k][nxt][0] - curves[k][choice[k]][0]
         if total + added > budget:
+            skipped.append(-rate)
             continue  # this weight stops here: its later steps come after this one
         total += added
+        rates.append(-rate)
         step[k] += 1
         choice[k] = nxt
         push(k)
-    choice = _polish(curves, choice, budget * (1 - TOLERANCE), budget)
+    # The price of a parameter at the greedy optimum (what one short of the budget is worth
+    # in error): the best rate the budget could not pay for, else the last one it did.
+    price = max(skipped) if skipped else min(rates, default=0.0)
+    choice = _polish(curves, choice, budget * (1 - TOLERANCE), budget, price)
     total = sum(c[j][0] for c, j in zip(curves, choice))
     if total < budget * (1 - TOLERANCE):  # coarse steps: allow up to 2% above the budget
-        choice = _polish(curves, choice, budget * (1 - TOLERANCE), budget * (1 + TOLERANCE))
+        choice = _polish(
+            curves, choice, budget * (1 - TOLERANCE), budget * (1 + TOLERANCE), price
+        )
     return choice
 
 
-def _polish(curves: list[list[Option]], choice: list[int], lo: float, hi: float) -> list[int]:
+def _polish(
+    curves: list[list[Option]], choice: list[int], lo: float, hi: float, price: float
+) -> list[int]:
     """Local search: move one weight to any candidate, or two weights by up to ``REACH``
-    candidates each, while that brings the total closer to ``[lo, hi]`` or, inside it,
-    lowers the total error."""
+    candidates each, while that brings a total above ``hi`` down or, at most ``hi``, lowers
+    the total error plus ``price`` per parameter short of ``lo``. Priced, not first: a
+    total that only looks closer to the budget is not worth gutting one layer's error to
+    give its parameters to another."""
     choice = list(choice)
     total = sum(c[j][0] for c, j in zip(curves, choice))
     error = sum(c[j][1] for c, j in zip(curves, choice))
 
     def key(t: float, e: float) -> tuple[float, float]:
-        return (max(lo - t, t - hi, 0.0), e)
+        return (max(t - hi, 0.0), e + price * max(lo - t, 0.0))
 
     for _ in range(100 * len(curves)):
         best, best_key = None, key(total, error)
