@@ -406,9 +406,7 @@ def _allocate(curves: list[list[Option]], budget: float) -> list[int]:
     choice = _polish(curves, choice, budget * (1 - TOLERANCE), budget, price)
     total = sum(c[j][0] for c, j in zip(curves, choice))
     if total < budget * (1 - TOLERANCE):  # coarse steps: allow up to 2% above the budget
-        choice = _polish(
-            curves, choice, budget * (1 - TOLERANCE), budget * (1 + TOLERANCE), price
-        )
+        choice = _polish(curves, choice, budget * (1 - TOLERANCE), budget * (1 + TOLERANCE), price)
     return choice
 
 
