@@ -55,7 +55,7 @@ from minilm import TARGET, load, targeted_weights
 
 MAX_LENGTH = 256  # the model's max_seq_length (sentence_bert_config.json)
 BATCH = 16
-DEFAULT_LR = 0.01  # distill_'s default relative step (lr=None)
+DEFAULT_LR = 0.03  # distill_'s default relative step (lr=None)
 LIBRARY_STAGES = ("plain", "calibrated", "distilled")
 Row = dict[str, Any]
 
@@ -287,7 +287,7 @@ def distill(
     are not ``FactorizedLinear``: for them ``train='all'`` with every other parameter frozen
     trains the same set (the compressed layers). ``distill_`` steps a factor of a ``k``-factor
     product by ``lr * rms(p) / k``; it sees each of a baseline's two factors alone (``k = 1``),
-    so their step is divided by 2 by hand (``lr = 0.005``): the product moves by the same
+    so their step is divided by 2 by hand (``lr = 0.015``): the product moves by the same
     relative amount per step as the library's layers do with the default.
 
     ``on='outputs'`` matches every floating output of the model (the last hidden state at
@@ -681,8 +681,8 @@ scale and int32 zero point per tensor, fp32 biases). Fair distillation: every `+
 `distilled` variant trains exactly the compressed layers' factors and biases (the library's
 default `train='factorized'`; for the baselines `train='all'` with every other parameter frozen)
 with the same data, epochs, seed and schedule; since `distill_` divides the relative step by the
-number of factors only for its own layers, the baselines (2 factors) get `lr=0.005` (= the
-default 0.01 / 2) so that each layer's weight moves by the same relative amount per step.
+number of factors only for its own layers, the baselines (2 factors) get `lr=0.015` (= the
+default 0.03 / 2) so that each layer's weight moves by the same relative amount per step.
 Distillation target, here {on}: `outputs` = `distill_`'s loss on every floating output of the
 model (the last hidden state at every non-padding position: distill_ masks padding by the
 attention mask; and the pooler output);
