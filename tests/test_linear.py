@@ -78,6 +78,22 @@ def test_dense_layer_serves_like_nn_linear(n_layers):
     assert {layer.plan(b).chosen for b in (1, 64, 4096)} == {layer.implementation_for(1)}
 
 
+def test_a_layer_pickled_without_its_derived_strategies_still_runs():
+    # An earlier version's pickle lacks attributes derived from `implementation`; unpickling
+    # rebinds them, and the layer computes what it did.
+    import pickle
+
+    layer = tz.FactorizedLinear(12, 10, factorization="dense").eval()
+    state = layer.__getstate__()
+    del state["_unplanned"]
+    old = tz.FactorizedLinear.__new__(tz.FactorizedLinear)
+    old.__setstate__(state)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(old))(x), layer(x))
+        torch.testing.assert_close(old(x), layer(x))
+
+
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_from_linear_full_rank_reproduces_source(fmt):
     src = nn.Linear(12, 10, dtype=F64)

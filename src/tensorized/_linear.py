@@ -193,6 +193,12 @@ class FactorizedLinear(Merging):
         self.implementation = "auto" if self._fixed is None else self._fixed.name
         self._merged = None
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Strategies bound from the implementation are derived: rebound, so that a layer
+        # pickled by an earlier version (without the newer ones) runs.
+        self.implementation = self._implementation
+
     def _loaded(self) -> None:
         # kept operands were computed from the old values
         super()._loaded()
