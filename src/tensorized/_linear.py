@@ -190,7 +190,7 @@ class FactorizedLinear(Merging):
 
     def _weight_replaced(self, weight: FactorizedMatrix) -> None:
         self._signature_id = signature_id(weight.signature_key)
-        self.implementation = "auto" if self._fixed is None else self._fixed.name
+        self.implementation = self._implementation  # rebinds its strategies to the new weight
         self._merged = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -215,12 +215,9 @@ class FactorizedLinear(Merging):
     def implementation(self, value: str) -> None:
         _check_implementation(type(self.weight), value)
         self._implementation = value
-        self._fixed = None if value == "auto" else self.weight.strategy(value)
         # The strategy forward uses without planning: the fixed one, or the format's own.
-        own = type(self.weight).unplanned_strategy
-        self._unplanned: Strategy | None = self._fixed
-        if self._fixed is None and own is not None:
-            self._unplanned = self.weight.strategy(own)
+        name = type(self.weight).unplanned_strategy if value == "auto" else value
+        self._unplanned: Strategy | None = None if name is None else self.weight.strategy(name)
 
     @property
     def in_features(self) -> int:

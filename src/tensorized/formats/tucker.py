@@ -392,11 +392,14 @@ class TuckerFormat(FactorizedMatrix):
         W = weight.double()
         root, _ = symmetric_root(C)
         whitened = (W @ root).reshape(*self.out_modes, self.in_features)
-        outs = [_leading(unfold(whitened, k), r) for k, r in enumerate(self.rank[:m])]
+        outs = [
+            decompose._leading_subspace(unfold(whitened, k), r, None)
+            for k, r in enumerate(self.rank[:m])
+        ]
         tensor = W.reshape(*self.out_modes, *self.in_modes)
         tensor, inverses = kronecker_whiten(tensor, C, self.in_modes, m)
         ins = [
-            inverse @ _leading(unfold(tensor, m + k), r)
+            inverse @ decompose._leading_subspace(unfold(tensor, m + k), r, None)
             for k, (inverse, r) in enumerate(zip(inverses, self.rank[m:]))
         ]
         U, V = _kron(outs), _kron(ins)  # (out, R_out) orthonormal, (in, R_in)
@@ -501,9 +504,3 @@ class TuckerFormat(FactorizedMatrix):
         )
         module.load_values({"core": core, **{f"factors.{k}": f for k, f in enumerate(factors)}})
         return module
-
-
-def _leading(M: Tensor, r: int) -> Tensor:
-    """The ``r`` leading left singular vectors of ``M`` (from the smaller Gram matrix)."""
-    vecs = torch.linalg.eigh(M @ M.T)[1]
-    return vecs[:, -r:].flip(-1)
